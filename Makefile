@@ -1,0 +1,26 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- builds .venv if needed, then runs the main job on its built-in defaults
+#   make test   -- builds .venv if needed, then runs the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+
+.PHONY: demo test bench-perf clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m finereg demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench-perf: $(VENV)/.installed
+	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
