@@ -1,0 +1,89 @@
+"""Small helpers shared across finereg: unwrapping wrapped models, resolving names, clear errors."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+__all__ = ["unwrap", "strip_prefixes", "close_matches", "unknown_name_error", "get_submodule", "match_names"]
+
+# Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
+# ("module."), torch.compile ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def strip_prefixes(name: str) -> str:
+    """``name`` without the leading wrapper prefixes (``module.``, ``_orig_mod.``), e.g. of a DDP state_dict."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Up to ``n`` candidates that look like ``name`` (for 'did you mean' messages)."""
+    candidates = list(candidates)
+    found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
+    if not found:  # fall back to substring matches, e.g. 'conv2' -> 'layer1.0.conv2'
+        found = [c for c in candidates if name in c][:n]
+    return found
+
+
+def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> KeyError:
+    """A KeyError for an unknown ``name`` that lists close matches among ``candidates``."""
+    candidates = list(candidates)
+    near = close_matches(name, candidates)
+    msg = f"no {kind} named {name!r}"
+    if near:
+        msg += f"; did you mean one of: {', '.join(map(repr, near))}?"
+    else:
+        shown = ", ".join(map(repr, candidates[:10])) + (" ..." if len(candidates) > 10 else "")
+        msg += f"; available: {shown}" if candidates else f"; there are no {kind}s to choose from"
+    if hint:
+        msg += f" {hint}"
+    return _ClearKeyError(msg)
+
+
+class _ClearKeyError(KeyError):
+    """KeyError whose message prints without the extra quotes KeyError adds."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` accepting wrapper prefixes, with a clear error listing close matches."""
+    model = unwrap(model)
+    name = strip_prefixes(name)
+    if name == "":
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise unknown_name_error("submodule", name, (n for n, _ in model.named_modules() if n),
+                                 hint="(names are those of model.named_modules())") from None
+
+
+def match_names(names: Sequence[str], patterns: str | Sequence[str] | None) -> list[str]:
+    """The names (in their order) matching any glob pattern (``fnmatch``: ``layer3.*.conv2``, ``*.bias``)."""
+    if patterns is None:
+        return list(names)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
