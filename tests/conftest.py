@@ -35,6 +35,12 @@ def build_arch(case, params_key="params"):
     return model
 
 
+@pytest.fixture(name="build_arch", scope="session")
+def _build_arch_fixture():
+    """The :func:`build_arch` helper as a fixture (``def test_x(golden, build_arch): ...``)."""
+    return build_arch
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
