@@ -1,0 +1,110 @@
+"""Disk cache for quantities computed once before training (LwF's recorded source targets, Co-Tuning's
+category relationship).
+
+A cache entry is a file named by a key: a SHA-256 hash of the model's state (parameter and buffer names,
+dtypes, shapes and bytes), of the data (every tensor the loader yields, in order) and of the options. A rerun
+with the same model and data finds the file and skips the forward passes; a changed model, changed data or a
+changed option gives a new key and recomputes. Files are written atomically (a temporary file in the same
+folder, then ``os.replace``), so an interrupted run never leaves a half-written entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import unwrap
+
+__all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "atomic_torch_save", "cached"]
+
+
+def _update_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _update_obj(h: "hashlib._Hash", obj: Any) -> None:
+    """Hash tensors and (nested) tuples/lists/dicts of tensors and plain values."""
+    if isinstance(obj, Tensor):
+        _update_tensor(h, obj)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"seq{len(obj)}".encode())
+        for o in obj:
+            _update_obj(h, o)
+    elif isinstance(obj, dict):
+        h.update(f"map{len(obj)}".encode())
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _update_obj(h, obj[k])
+    else:
+        h.update(repr(obj).encode())
+
+
+def module_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a module's class and its full state dict (names, dtypes, shapes, values)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module to fingerprint, got {type(model).__name__}")
+    model = unwrap(model)
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        _update_tensor(h, t)
+    return h.hexdigest()
+
+
+def loader_fingerprint(loader: Iterable) -> str:
+    """SHA-256 of everything a data loader yields, batch by batch, in order.
+
+    This reads the data once (no model is run). Random augmentations make every pass different, so the
+    cache would never hit: record with deterministic transforms, as the LwF and Co-Tuning papers do.
+    """
+    h = hashlib.sha256(b"loader")
+    n = 0
+    for batch in loader:
+        _update_obj(h, batch)
+        n += 1
+    if n == 0:
+        raise ValueError("the data loader yielded no batches; give it a non-empty dataset")
+    return h.hexdigest()
+
+
+def make_key(*parts: Any) -> str:
+    """A short hex key from strings / plain values (e.g. fingerprints and options)."""
+    h = hashlib.sha256()
+    for p in parts:
+        _update_obj(h, p)
+    return h.hexdigest()[:32]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX and Windows)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cached(cache_dir: str | os.PathLike | None, stem: str, key: str, compute: Callable[[], dict]) -> dict:
+    """``compute()`` (a dict of tensors / plain values), or its stored copy ``<cache_dir>/<stem>-<key>.pt``."""
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"{stem}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    out = compute()
+    atomic_torch_save(out, path)
+    return out

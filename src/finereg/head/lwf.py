@@ -1,0 +1,280 @@
+"""Learning without Forgetting (Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017).
+
+The fine-tuned network keeps the pretrained model's own classifier (the *source head*) beside a new
+*target head* on the shared backbone. Before training, the pretrained model's outputs on the target images
+(deterministic transforms) are recorded, y_o. Training minimizes
+
+    L = CE(y_t, labels) + λ · KD_T(y_s, y_o)
+
+where y_s is the source head's current output and KD_T is the distillation loss of
+:mod:`finereg.head.kd` (the paper: T = 2, λ = 1). The distillation term keeps the source task's outputs
+(what the network "knew") while the target task is learned.
+
+Pieces:
+
+* :class:`LwFClassifier` — backbone + source head + target head; in training returns ``(y_s, y_t)``, in eval
+  ``y_t``. Built from any backbone + head, or :meth:`LwFClassifier.from_torchvision` /
+  :meth:`LwFClassifier.from_timm` / :meth:`LwFClassifier.from_pretrained`.
+* :func:`record_source_predictions` — y_o over a loader, keyed by sample index, optionally cached on disk.
+* :class:`IndexedDataset` — wraps a dataset so each item also carries its index (for shuffled training).
+* :meth:`LwFClassifier.param_groups` — ``[{backbone, lr}, {heads, 10·lr}]``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._utils import get_submodule, unwrap
+from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
+
+__all__ = ["LwFClassifier", "new_head_like", "record_source_predictions", "IndexedDataset"]
+
+_TORCHVISION_HEAD_NAMES = ("fc", "classifier", "heads", "head")
+
+
+def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
+    """A fresh target head shaped like ``head_source`` with ``num_classes`` outputs.
+
+    A ``Linear`` source head gives ``Linear(in_features, num_classes)``; a composite head (e.g. VGG's or
+    ConvNeXt's ``classifier``) is copied and its last ``Linear`` replaced by a new one with ``num_classes``
+    outputs (the other layers keep their pretrained weights).
+    """
+    _check_num_classes(num_classes)
+    if isinstance(head_source, nn.Linear):
+        return nn.Linear(head_source.in_features, num_classes, bias=head_source.bias is not None)
+    linears = [name for name, m in head_source.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot build a target head like {type(head_source).__name__}: it has no nn.Linear "
+                         "layer to resize; pass head_target=... explicitly")
+    head = copy.deepcopy(head_source)
+    last = get_submodule(head, linears[-1])
+    parent_name, _, child = linears[-1].rpartition(".")
+    parent = get_submodule(head, parent_name) if parent_name else head
+    setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None).to(
+        device=last.weight.device, dtype=last.weight.dtype))
+    return head
+
+
+def _check_num_classes(num_classes: Any) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+
+
+class LwFClassifier(nn.Module):
+    """Backbone with the pretrained (source) head and a new target head.
+
+    forward(x): f = pool(backbone(x)); y_s = head_source(f); y_t = head_target(bottleneck(f)).
+    In training mode returns ``(y_s, y_t)``; in eval mode ``y_t`` (override with ``return_both``).
+
+    Args:
+        backbone: maps inputs to the features the source head expects (pooled/flattened already).
+        head_source: the pretrained model's classifier head.
+        num_classes: number of target classes; builds ``head_target`` with :func:`new_head_like` (the
+            bottleneck must then keep the feature size) unless ``head_target`` is given.
+        head_target: the target head (optional if ``num_classes`` is given).
+        bottleneck: optional module between the features and the target head (not the source head).
+        pool: optional module applied to the backbone's output before both heads (e.g. pooling + flatten).
+    """
+
+    def __init__(self, backbone: nn.Module, head_source: nn.Module, num_classes: int | None = None, *,
+                 head_target: nn.Module | None = None, bottleneck: nn.Module | None = None,
+                 pool: nn.Module | None = None):
+        super().__init__()
+        for name, m in (("backbone", backbone), ("head_source", head_source)):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+        if head_target is None:
+            if num_classes is None:
+                raise ValueError("give num_classes (to build a new target head) or head_target")
+            head_target = new_head_like(head_source, num_classes)
+        elif not isinstance(head_target, nn.Module):
+            raise TypeError(f"head_target must be an nn.Module, got {type(head_target).__name__}")
+        elif num_classes is not None:
+            _check_num_classes(num_classes)
+        self.backbone = backbone
+        self.pool_layer = nn.Identity() if pool is None else pool
+        self.bottleneck = nn.Identity() if bottleneck is None else bottleneck
+        self.head_source = head_source
+        self.head_target = head_target
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, return_both: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        f = self.pool_layer(self.backbone(x))
+        y_t = self.head_target(self.bottleneck(f))
+        if self.training if return_both is None else return_both:
+            return self.head_source(f), y_t
+        return y_t
+
+    def source_logits(self, x: Tensor) -> Tensor:
+        """The source head's output only, head_source(pool(backbone(x)))."""
+        return self.head_source(self.pool_layer(self.backbone(x)))
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0,
+                     source_head_lr_mult: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: backbone at ``lr``; bottleneck and target head at ``head_lr_mult·lr``
+        (default 10×); the source head at ``source_head_lr_mult·lr`` (default: same as the heads; 0 leaves
+        it out of the optimizer, i.e. frozen). Empty groups are dropped."""
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        src_mult = head_lr_mult if source_head_lr_mult is None else source_head_lr_mult
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
+            {"params": [p for m in (self.bottleneck, self.head_target) for p in m.parameters() if p.requires_grad],
+             "lr": head_lr_mult * lr},
+        ]
+        if src_mult:
+            groups.append({"params": [p for p in self.head_source.parameters() if p.requires_grad],
+                           "lr": src_mult * lr})
+        return [g for g in groups if g["params"]]
+
+    @classmethod
+    def from_torchvision(cls, model: nn.Module, num_classes: int, head_name: str | None = None,
+                         copy_model: bool = True) -> "LwFClassifier":
+        """Split a torchvision-style classifier: the submodule ``head_name`` (default: the first of ``fc``,
+        ``classifier``, ``heads``, ``head`` that exists) becomes the source head and is replaced by
+        ``nn.Identity`` in the backbone (so the backbone's forward returns the head's input). The model is
+        deep-copied unless ``copy_model=False``."""
+        model = unwrap(model)
+        if head_name is None:
+            found = [n for n in _TORCHVISION_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+            if not found:
+                raise ValueError(f"could not find the classifier head of {type(model).__name__} (looked for "
+                                 f"{', '.join(_TORCHVISION_HEAD_NAMES)}); pass head_name=...")
+            head_name = found[0]
+        backbone = copy.deepcopy(model) if copy_model else model
+        head = get_submodule(backbone, head_name)
+        parent_name, _, child = head_name.rpartition(".")
+        setattr(get_submodule(backbone, parent_name) if parent_name else backbone, child, nn.Identity())
+        return cls(backbone, head, num_classes)
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> "LwFClassifier":
+        """Split a timm model: ``get_classifier()`` is the source head; the backbone is the model after
+        ``reset_classifier(0)`` (its forward = ``forward_features`` + ``forward_head(pre_logits=True)``)."""
+        model = unwrap(model)
+        if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):
+            raise TypeError(f"{type(model).__name__} is not a timm model (no get_classifier/reset_classifier); "
+                            "use LwFClassifier.from_torchvision or LwFClassifier(backbone, head_source, ...)")
+        head = model.get_classifier()
+        if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+            raise ValueError("the timm model has no classifier head (created with num_classes=0?); LwF needs "
+                             "the pretrained head")
+        head = copy.deepcopy(head)
+        backbone = copy.deepcopy(model) if copy_model else model
+        backbone.reset_classifier(0)
+        return cls(backbone, head, num_classes)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> "LwFClassifier":
+        """:meth:`from_timm` for timm models, else :meth:`from_torchvision`."""
+        if hasattr(unwrap(model), "reset_classifier"):
+            return cls.from_timm(model, num_classes, copy_model)
+        return cls.from_torchvision(model, num_classes, copy_model=copy_model)
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """``dataset[i] + (i,)``: each item also carries its index, so recorded targets can be looked up in a
+    shuffled loader: ``x, y, idx = batch; targets[idx]``."""
+
+    def __init__(self, dataset):
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return (*item, i) if isinstance(item, tuple) else (item, i)
+
+
+def _batch_parts(batch: Any) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        idx = batch[2] if len(batch) >= 3 else None
+        if idx is not None:
+            idx = torch.as_tensor(idx)
+            if idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool) or idx.dim() != 1:
+                raise ValueError("the third item of a batch must be the 1-D integer sample indices "
+                                 "(see IndexedDataset)")
+        return batch[0], idx
+    raise TypeError("a batch must be a tensor of inputs or a tuple (inputs, labels[, indices]), got "
+                    f"{type(batch).__name__}")
+
+
+def _is_shuffled(loader: Iterable) -> bool:
+    sampler = getattr(loader, "sampler", None)
+    return sampler is not None and not isinstance(sampler, torch.utils.data.SequentialSampler)
+
+
+@torch.no_grad()
+def record_source_predictions(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
+                              cache_dir: str | os.PathLike | None = None, data_key: str | None = None) -> Tensor:
+    """The pretrained model's outputs (logits) on the target data, row i = sample index i (LwF's y_o).
+
+    Run before training, with deterministic transforms. The model runs in eval mode under ``no_grad`` (its
+    mode is restored). For an :class:`LwFClassifier` the source branch (``source_logits``) is used.
+
+    Args:
+        model: the pretrained classifier (or an :class:`LwFClassifier`).
+        loader: yields ``x``, ``(x, y)`` or ``(x, y, index)``. Without indices the loader must not shuffle
+            (its order is the index); with indices (see :class:`IndexedDataset`) any order works.
+        device: where to run the model (default: the device of its first parameter).
+        cache_dir: if given, the result is stored in ``cache_dir`` under a key hashing the model's state and
+            the data, and reused by a rerun with the same model and data.
+        data_key: a string that identifies the data, used in the cache key instead of hashing the data
+            (which costs one pass over the loader without the model).
+
+    Returns:
+        float32 CPU tensor (N, C_s); N = number of samples.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inner = unwrap(model)
+    forward = inner.source_logits if isinstance(inner, LwFClassifier) else model
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+
+    def compute() -> dict:
+        outs, idxs, seen = [], [], 0
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in loader:
+                x, idx = _batch_parts(batch)
+                if idx is None:
+                    if _is_shuffled(loader):
+                        raise ValueError("the loader shuffles but its batches carry no sample indices: use "
+                                         "shuffle=False or wrap the dataset in IndexedDataset")
+                    idx = torch.arange(seen, seen + x.shape[0])
+                seen += x.shape[0]
+                outs.append(forward(x.to(device)).float().cpu())
+                idxs.append(idx.cpu().long())
+        finally:
+            model.train(was_training)
+        if not outs:
+            raise ValueError("the data loader yielded no batches")
+        out, idx = torch.cat(outs), torch.cat(idxs)
+        n = int(idx.max()) + 1
+        if idx.min() < 0 or len(idx) != n or torch.bincount(idx, minlength=n).ne(1).any():
+            raise ValueError(f"sample indices must cover 0..N-1 exactly once; got {len(idx)} samples with "
+                             f"indices in [{int(idx.min())}, {int(idx.max())}]")
+        table = torch.empty_like(out)
+        table[idx] = out
+        return {"predictions": table}
+
+    key = None
+    if cache_dir is not None:
+        if data_key is not None and not isinstance(data_key, str):
+            raise TypeError("data_key must be a string")
+        key = make_key("lwf-source-predictions", module_fingerprint(model),
+                       data_key if data_key is not None else loader_fingerprint(loader))
+    return cached(cache_dir, "lwf-source", key or "", compute)["predictions"]
