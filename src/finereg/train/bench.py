@@ -1,0 +1,255 @@
+"""``finereg bench``: methods × sampling rates × seeds, summarized like the tables of tllib's README.
+
+Each run is a :func:`~finereg.train.loop.fit` in its own directory ``<out>/runs/<method>-sr<rate>-s<seed>``; the
+bench writes ``results.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean ± sample std of the
+final top-1 accuracy per method and rate, best mean in bold) and ``accuracy_vs_rate.png`` (one line per method).
+Runs go in parallel processes of one thread each (tiny models run fastest that way on a CPU). Running the same
+command again with the same ``--out`` reuses finished runs and resumes interrupted ones.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import LAST
+from .data import SAMPLE_RATES
+from .loop import FitConfig, fit
+from .methods import method_names, parse_method
+from .metrics import write_text_atomic
+
+__all__ = ["BenchConfig", "BenchResult", "bench", "summarize", "markdown_table", "plot"]
+
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+
+
+def _default_methods() -> list[str]:
+    return method_names()
+
+
+@dataclass
+class BenchConfig:
+    """The grid of a bench and the settings every run shares (``base``; its method, rate and seed are set per run)."""
+
+    methods: list[str] = field(default_factory=_default_methods)
+    rates: list[float] = field(default_factory=lambda: list(SAMPLE_RATES))
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    out: str | None = None
+    jobs: int | None = None  # parallel runs; default: one per available CPU core
+    base: FitConfig = field(default_factory=FitConfig)
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    rows: list[dict]
+    summary: list[dict]
+    table: str
+    seconds: float
+    interrupted: bool = False
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def _run_name(method: str, rate: float, seed: int) -> str:
+    return f"{method}-sr{rate:g}-s{seed}"
+
+
+def _one(cfg: FitConfig) -> dict:
+    """One run (fresh, or resumed from its directory); its final metrics as a row."""
+    run_dir = Path(cfg.out)
+    if (run_dir / LAST).exists():
+        cfg = dataclasses.replace(cfg, resume=str(run_dir))
+    t0 = time.perf_counter()
+    res = fit(cfg, log=lambda msg: None)
+    f = res.final
+    return {"method": cfg.method, "sample_rate": cfg.sample_rate, "seed": cfg.seed,
+            "top1": f.get("val_top1", math.nan), "mean_class_acc": f.get("val_mean_class_acc", math.nan),
+            "epochs": res.epochs_done, "seconds": round(time.perf_counter() - t0, 2), "interrupted": res.interrupted,
+            "run_dir": str(run_dir)}
+
+
+def _init_worker() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (n - 1) of top-1 and mean per-class accuracy per (method, rate)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if not r.get("interrupted"):
+            groups.setdefault((r["method"], float(r["sample_rate"])), []).append(r)
+    out = []
+    for (m, rate), rs in groups.items():
+        s = {"method": m, "sample_rate": rate, "n": len(rs)}
+        for key in ("top1", "mean_class_acc"):
+            vals = [float(r[key]) for r in rs]
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            s[f"{key}_mean"], s[f"{key}_std"] = mean, std
+        out.append(s)
+    return out
+
+
+def markdown_table(summary: list[dict], methods: list[str], rates: list[float], key: str = "top1") -> str:
+    """Rows = methods, columns = sampling rates (+ their average), cells = mean ± std; best mean in bold."""
+    cell = {(s["method"], s["sample_rate"]): s for s in summary}
+    best = {rate: max((cell[(m, rate)][f"{key}_mean"] for m in methods if (m, rate) in cell), default=None)
+            for rate in rates}
+    lines = ["| method | " + " | ".join(f"{r:g}%" for r in rates) + " | avg |",
+             "|---|" + "---|" * (len(rates) + 1)]
+    for m in methods:
+        cells, means = [], []
+        for rate in rates:
+            s = cell.get((m, float(rate)))
+            if s is None:
+                cells.append("–")
+                continue
+            mean, std = s[f"{key}_mean"], s[f"{key}_std"]
+            means.append(mean)
+            text = f"{mean:.1f} ± {std:.1f}"
+            cells.append(f"**{text}**" if best[rate] is not None and mean == best[rate] else text)
+        avg = f"{sum(means) / len(means):.1f}" if len(means) == len(rates) else "–"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict], methods: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """``accuracy_vs_rate.png``: mean top-1 (± std as error bars) vs sampling rate, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for m in methods:
+        pts = sorted((s["sample_rate"], s["top1_mean"], s["top1_std"]) for s in summary if s["method"] == m)
+        if pts:
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
+    rates = sorted({s["sample_rate"] for s in summary})
+    ax.set_xticks(rates, [f"{r:g}%" for r in rates])
+    ax.set_xlabel("sampling rate of the training set (per class)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "accuracy vs sampling rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Run the grid, write results.csv / summary.csv / summary.md / accuracy_vs_rate.png, print the table."""
+    t0 = time.perf_counter()
+    methods = ["+".join(parse_method(m)) for m in cfg.methods]  # validate (and normalize) before any work
+    if not methods or not cfg.rates or not cfg.seeds:
+        raise ValueError("bench needs at least one method, one sampling rate and one seed")
+    for r in cfg.rates:
+        if not 0 < r <= 100:
+            raise ValueError(f"sampling rates are percentages in (0, 100], got {r}")
+    out = Path(cfg.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = max(1, cfg.jobs or _cores())
+    base = dataclasses.replace(cfg.base, progress=False, tensorboard=False, resume=False, overwrite=False)
+    if base.arch == "builtin" and base.weights in (None, "builtin"):
+        from .builtin import pretrained_state
+        pretrained_state(base.cache_dir, log=log)  # once, before the workers start
+    grid = [dataclasses.replace(base, method=m, sample_rate=float(r), seed=int(s),
+                                out=str(out / "runs" / _run_name(m, r, s)))
+            for m in methods for r in cfg.rates for s in cfg.seeds]
+    log(f"bench: {len(methods)} methods x {len(cfg.rates)} rates x {len(cfg.seeds)} seeds = {len(grid)} runs on "
+        f"{base.data}, {jobs} in parallel -> {out}")
+    rows: list[dict] = []
+    interrupted = False
+    bar = _bar(len(grid), cfg.base.progress)
+    try:
+        if jobs == 1:
+            for c in grid:
+                rows.append(_one(c))
+                _tick(bar, rows[-1])
+                if rows[-1]["interrupted"]:
+                    interrupted = True
+                    break
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
+                                     mp_context=_spawn()) as pool:
+                pending = {pool.submit(_one, c) for c in grid}
+                try:
+                    while pending:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            rows.append(fut.result())
+                            _tick(bar, rows[-1])
+                            interrupted |= rows[-1]["interrupted"]
+                except KeyboardInterrupt:
+                    interrupted = True
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+    order = {(c.method, c.sample_rate, c.seed): i for i, c in enumerate(grid)}
+    rows.sort(key=lambda r: order.get((r["method"], float(r["sample_rate"]), r["seed"]), 0))
+    summary = summarize(rows)
+    rates = [float(r) for r in cfg.rates]
+    table = markdown_table(summary, methods, rates)
+    seconds = time.perf_counter() - t0
+    note = (f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, cfg.seeds))} "
+            f"({len(rows)} runs, {seconds / 60:.1f} min).")
+    write_text_atomic(out / "results.csv", _csv(rows))
+    write_text_atomic(out / "summary.csv", _csv(summary))
+    write_text_atomic(out / "summary.md", f"{note}\n\n{table}\n\nMean per-class accuracy (%):\n\n"
+                      f"{markdown_table(summary, methods, rates, 'mean_class_acc')}\n")
+    if summary:
+        plot(summary, methods, out / "accuracy_vs_rate.png", title=f"finereg bench: {base.data}")
+    log(f"\n{note}\n\n{table}\n")
+    log(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'results.csv'}"
+        + (f", {out / 'accuracy_vs_rate.png'}" if summary else ""))
+    if interrupted:
+        log(f"interrupted: run the same command with --out {out} to finish the remaining runs")
+    return BenchResult(out, rows, summary, table, seconds, interrupted)
+
+
+def _spawn():
+    import multiprocessing
+    return multiprocessing.get_context("spawn")
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True)
+
+
+def _tick(bar, row: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix_str(f"{row['method']} {row['sample_rate']:g}% s{row['seed']}: {row['top1']:.1f}%")

@@ -1,0 +1,94 @@
+"""Checkpoints written atomically, with the previous one kept, and read back with clear errors.
+
+Each save writes a temporary file in the run directory, flushes it to disk, moves the current ``last.pt`` to
+``prev.pt`` and then the temporary file to ``last.pt`` (both ``os.replace``, atomic on POSIX and Windows). A crash
+at any moment leaves at least one complete checkpoint; a corrupt ``last.pt`` leaves ``prev.pt`` to resume from.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "LAST", "PREV", "atomic_save", "save_checkpoint", "load_checkpoint",
+           "find_checkpoint", "FORMAT"]
+
+LAST = "last.pt"
+PREV = "prev.pt"
+FORMAT = "finereg-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or from another run."""
+
+
+def _write_temp(obj: Any, directory: Path, name: str) -> Path:
+    """``torch.save(obj)`` into a new temporary file of ``directory``, flushed to disk; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    os.replace(_write_temp(obj, path.parent, path.name), path)
+    return path
+
+
+def save_checkpoint(state: dict, run_dir: str | os.PathLike) -> Path:
+    """Write ``state`` as ``run_dir/last.pt``; the checkpoint it replaces becomes ``run_dir/prev.pt``."""
+    run_dir = Path(run_dir)
+    tmp = _write_temp({"format": FORMAT, **state}, run_dir, LAST)
+    last = run_dir / LAST
+    if last.exists():
+        os.replace(last, run_dir / PREV)
+    os.replace(tmp, last)
+    return last
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file for ``path``: the file itself, or ``last.pt`` (else ``prev.pt``) of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (LAST, PREV):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no checkpoint to resume from in {str(path)!r} (looked for {LAST} and {PREV}); "
+                              "start a new run without --resume")
+    if path.is_file():
+        return path
+    raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a .pt file")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a finereg checkpoint (``weights_only``); a corrupt file raises :class:`CheckpointError` naming the
+    intact previous checkpoint where there is one."""
+    path = find_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / garbage files
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e})."
+                              + _fallback_hint(path)) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a finereg training checkpoint (no {FORMAT!r} marker)."
+                              + _fallback_hint(path))
+    return state
+
+
+def _fallback_hint(path: Path) -> str:
+    prev = path.parent / PREV
+    if path.name != PREV and prev.is_file():
+        return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
+    return " Nothing was overwritten."

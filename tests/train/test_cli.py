@@ -1,0 +1,45 @@
+"""The finereg command: fit, methods, demo, bad input -> clear errors and exit codes."""
+from finereg.train.checkpoint import load_checkpoint
+from finereg.train.cli import main
+
+TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--sample-rate", "30"]
+
+
+def test_fit_and_resume_from_the_command_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["fit", "--out", out, "--no-tensorboard", *TINY]) == 0
+    assert load_checkpoint(out)["epoch"] == 1
+    assert "done: top-1" in capsys.readouterr().out
+    assert main(["fit", "--resume", out, "--epochs", "2", "--no-progress"]) == 0
+    ck = load_checkpoint(out)
+    assert ck["epoch"] == 2 and ck["config"]["sample_rate"] == 30 and ck["config"]["batch_size"] == 16
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["fit", "--method", "l2spp", "--out", str(tmp_path / "a"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finereg fit: error: no method named 'l2spp'") and "Traceback" not in err
+    assert main(["fit", "--arch", "resnet19", "--out", str(tmp_path / "b"), *TINY]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert main(["fit", "--set", "nodot=1", "--out", str(tmp_path / "c"), *TINY]) == 2
+    assert "write method.key=value" in capsys.readouterr().err
+    assert main(["fit", "--resume", str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_methods_lists_the_registry(capsys):
+    from finereg.train.methods import method_names
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in method_names())
+
+
+def test_demo_runs_l2sp_delta_bss(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "demo: l2sp+delta+bss fine-tuned" in out
+    ck = load_checkpoint(tmp_path / "demo")
+    assert ck["epoch"] == 6 and {"train_l2sp", "train_delta", "train_bss", "train_l2_head"} <= set(ck["history"][-1])
+    assert "epoch 6/6:" in out and "train_delta=" in out  # the loss terms of each epoch are shown

@@ -1,0 +1,111 @@
+"""Method recipes: the registry, overrides, combinations, one tiny run of every method, and that each recipe's
+loss term is the library regularizer's value (the engine holds no regularizer math of its own)."""
+import pytest
+import torch
+
+from finereg.train.loop import fit
+from finereg.train.methods import REGISTRY, build_recipes, method_names, parse_method, parse_overrides
+
+QUIET = dict(log=lambda m: None)
+
+
+def test_registry_and_parsing():
+    assert method_names() == ["erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning",
+                              "bi-tuning"]
+    assert parse_method("L2SP+bss") == ["l2sp", "bss"]
+    assert parse_method("delta:attention") == ["delta-attention"]
+    assert parse_method("erm+co_tuning") == ["co-tuning"]
+    with pytest.raises(KeyError, match="no method named 'l2sq'; did you mean one of: 'l2sp'"):
+        parse_method("l2sq")
+    with pytest.raises(ValueError, match="appears twice"):
+        parse_method("bss+bss")
+    assert parse_overrides(["bss.trade_off=0.01", "lwf.T=2", "delta.layers=backbone.conv3"]) == {
+        "bss": {"trade_off": 0.01}, "lwf": {"T": 2}, "delta": {"layers": "backbone.conv3"}}
+
+
+def test_defaults_are_tllibs_and_overrides_apply():
+    r = {x.name: x for x in build_recipes("l2sp+delta+bss+lwf+co-tuning")}
+    assert r["l2sp"].hp == {"trade_off": 0.01} and r["delta"].hp["trade_off"] == 0.01
+    assert r["bss"].hp == {"trade_off": 0.001, "k": 1}
+    assert r["lwf"].hp == {"trade_off": 4.0, "T": 3.0} and r["co-tuning"].hp["trade_off"] == 2.3
+    assert r["head-l2"].hp == {"trade_off": 0.01}  # tllib's DELTA script: head L2 0.01, added once
+    assert REGISTRY["bi-tuning"]().hp == {"trade_off": 1.0, "K": 40, "m": 0.999, "T": 0.07, "projection_dim": 128}
+    digits = {x.name: x for x in build_recipes("delta", digits=True)}
+    assert digits["delta"].hp["trade_off"] == 0.001
+    over = {x.name: x for x in build_recipes("bss+delta", parse_overrides(["bss.k=2", "head-l2.trade_off=0"]))}
+    assert over["bss"].hp["k"] == 2 and over["head-l2"].hp["trade_off"] == 0
+    assert "head-l2" not in {x.name for x in build_recipes("bss")}
+
+
+@pytest.mark.parametrize("spec,kw,exc,match", [
+    ("bss", {"bss": {"kk": 1}}, KeyError, "hyper-parameter of 'bss' named 'kk'"),
+    ("bss", {"bss": {"k": "two"}}, ValueError, "bss.k must be a int"),
+    ("bi-tuning+bss", {}, ValueError, "bi-tuning replaces the network's forward.*cannot be combined with bss"),
+    ("bi-tuning+lwf", {}, ValueError, "cannot be combined with lwf"),
+    ("co-tuning", {"co-tuning": {"relationship": "sideways"}}, ValueError, "'direct' or 'reverse'"),
+    ("l2sp", {"bss": {"k": 1}}, ValueError, "--set names method 'bss', which is not in 'l2sp'"),
+])
+def test_bad_method_settings(spec, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        build_recipes(spec, kw)
+
+
+@pytest.mark.parametrize("method", ["l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning",
+                                    "bi-tuning", "l2sp+delta+bss", "lwf+co-tuning"])
+def test_each_method_runs_a_tiny_epoch(tmp_path, tiny, method):
+    res = fit(tiny(tmp_path, method=method, epochs=1), **QUIET)
+    row = res.final
+    expected = {"l2": ["l2", "l2_head"], "l2sp": ["l2sp", "l2_head"], "delta": ["delta", "l2_head"],
+                "delta-attention": ["delta", "l2_head"], "bss": ["bss"], "lwf": ["kd"], "co-tuning": ["co_tuning"],
+                "bi-tuning": ["contrastive"], "l2sp+delta+bss": ["l2sp", "delta", "bss", "l2_head"],
+                "lwf+co-tuning": ["kd", "co_tuning"]}[method]
+    for term in ["ce", *expected]:
+        assert f"train_{term}" in row and torch.isfinite(torch.tensor(row[f"train_{term}"]))
+    assert row["train_loss"] == pytest.approx(sum(row[f"train_{t}"] for t in ["ce", *expected]), rel=1e-5)
+    assert 0 <= row["val_top1"] <= 100
+
+
+def _first_step_terms(tmp_path, tiny, method, **kw):
+    seen = {}
+
+    def grab(info):
+        if not seen:
+            seen.update(info.terms)
+            seen["model"] = info.model
+        raise KeyboardInterrupt
+
+    fit(tiny(tmp_path, method=method, epochs=1, **kw), on_step=grab, **QUIET)
+    return seen
+
+
+def test_terms_equal_the_library_regularizers(tmp_path, tiny):
+    """The first step's terms, recomputed from the library with the pretrained model on the first batch."""
+    from finereg.feature.bss import batch_spectral_shrinkage
+    from finereg.feature.delta import behavioral_penalty
+    from finereg.train.data import epoch_plan, load_data
+    from finereg.train.models import build_model
+
+    terms = _first_step_terms(tmp_path / "a", tiny, "delta+bss+lwf")  # computed before the first update
+    data = load_data("digits", sample_rate=30)
+    order, seeds = epoch_plan(len(data.train), 16, 3, 0, 0)
+    batch = next(data.train.train_batches(order, seeds, 1, torch.device("cpu")))
+    net = build_model("builtin", 5, in_channels=1).net.eval()
+    feats = {}
+    hooks = [getattr(net.backbone, n).register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, o))
+             for n in ("conv2", "conv3")]
+    with torch.no_grad():
+        f = net.backbone(batch.x)
+    for h in hooks:
+        h.remove()
+    assert terms["delta"] == pytest.approx(0.0, abs=1e-6)  # same weights: source and target maps agree
+    assert terms["bss"] == pytest.approx(0.001 * float(batch_spectral_shrinkage(f, 1)), rel=1e-4)
+    with torch.no_grad():
+        src = net.source_head(f)
+    # LwF's recorded targets are the pretrained outputs on the un-augmented images; the KD term compares them with
+    # the source head's outputs on the augmented batch
+    clean = next(data.train.eval_batches(len(data.train), torch.device("cpu"))).x[batch.index]
+    from finereg.head.kd import kd_loss
+    with torch.no_grad():
+        expected = 4.0 * float(kd_loss(src, net.source_head(net.backbone(clean)), T=3.0))
+    assert terms["kd"] == pytest.approx(expected, rel=1e-4)
+    assert behavioral_penalty(feats, feats) == 0
