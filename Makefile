@@ -1,17 +1,21 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -- builds .venv if needed, then runs the main job on its built-in defaults
+#   make bench  -- builds .venv if needed, then runs the main job (`finereg bench`) on its built-in defaults
 #   make test   -- builds .venv if needed, then runs the test suite
+# make demo is a single short fine-tuning run; make bench-perf runs the speed benchmarks.
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
 
-.PHONY: demo test bench-perf clean
+.PHONY: bench demo test bench-perf clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+bench: $(VENV)/.installed
+	$(PY) -m finereg bench
 
 demo: $(VENV)/.installed
 	$(PY) -m finereg demo
