@@ -61,14 +61,9 @@ def _labels_c(n: int, C: int, K: int, dtype: torch.dtype) -> torch.Tensor:
     return labels_c
 
 
-def loop_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor):
-    """Per-sample reference of ``BiTuning.forward`` (mutates ``module``'s key encoder and queues the same way).
-
-    For each sample in batch order: its projector row against the queue as it was before the batch (own class
-    first, then the other classes, by concatenating queue slices), then its key is enqueued. Then, for each
-    sample, its classifier-contrast row: its head row w_c against the updated feature queue, the same way.
-    """
-    C, K, T = module.num_classes, module.K, module.T
+def _projector_rows_loop(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor):
+    """Both references' first half, per sample in batch order: its projector row against the queue as it was
+    before the batch (own class first, then the other classes), then its key is enqueued."""
     y_q, z_q, h_q = module.encoder_q(im_q)
     with torch.no_grad():
         _momentum_step(module)
@@ -80,6 +75,18 @@ def loop_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, label
         rows_z.append(torch.cat([(z_q[i] * z_k[i]).sum().view(1), _contrast_row(z_q[i], queue_z, c)]))
         with torch.no_grad():
             _enqueue_one(module, h_k[i], z_k[i], c)
+    return y_q, z_q, h_q, rows_z
+
+
+def loop_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor):
+    """Per-sample reference of ``BiTuning.forward`` (mutates ``module``'s key encoder and queues the same way).
+
+    For each sample in batch order: its projector row against the queue as it was before the batch (own class
+    first, then the other classes, by concatenating queue slices), then its key is enqueued. Then, for each
+    sample, its classifier-contrast row: its head row w_c against the updated feature queue, the same way.
+    """
+    C, K, T = module.num_classes, module.K, module.T
+    y_q, z_q, h_q, rows_z = _projector_rows_loop(module, im_q, im_k, labels)
     w = _head_rows(module)
     rows_y = []
     for i in range(len(labels)):
@@ -94,17 +101,7 @@ def tllib_structured_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.T
     the whole feature queue against all C head rows at once (a (C·K) x C product), and the per-sample loop only
     picks each sample's column."""
     C, K, T = module.num_classes, module.K, module.T
-    y_q, z_q, h_q = module.encoder_q(im_q)
-    with torch.no_grad():
-        _momentum_step(module)
-        _, z_k, h_k = module.encoder_k(im_k)
-    queue_z = module.queue_z.clone()
-    rows_z = []
-    for i in range(len(labels)):
-        c = int(labels[i])
-        rows_z.append(torch.cat([(z_q[i] * z_k[i]).sum().view(1), _contrast_row(z_q[i], queue_z, c)]))
-        with torch.no_grad():
-            _enqueue_one(module, h_k[i], z_k[i], c)
+    y_q, z_q, h_q, rows_z = _projector_rows_loop(module, im_q, im_k, labels)
     w = _head_rows(module)
     cur = h_q @ w.T
     scores = (module.queue_h.flatten(1).T @ w.T).view(C, K, C)  # [class', k, class]

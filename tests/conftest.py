@@ -45,3 +45,13 @@ def _build_arch_fixture():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the tests of a module (tiny ops: avoids OpenMP wake-up costs on a busy CI
+    machine); the previous count is restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import IO
 
 from torch import nn
 
-__all__ = ["unwrap", "strip_prefixes", "close_matches", "unknown_name_error", "get_submodule", "match_names"]
+__all__ = ["unwrap", "strip_prefixes", "close_matches", "unknown_name_error", "get_submodule", "match_names",
+           "atomic_write"]
 
 # Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
 # ("module."), torch.compile ("_orig_mod.").
@@ -87,3 +92,27 @@ def match_names(names: Sequence[str], patterns: str | Sequence[str] | None) -> l
     if isinstance(patterns, str):
         patterns = [patterns]
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, replace: bool = True) -> Path:
+    """Write a file so that a crash never leaves it half written: ``write(f)`` fills a temporary file in the
+    same folder, which is flushed to disk and then renamed over ``path`` (``os.replace``, atomic on POSIX and
+    Windows). On any error the temporary file is removed and ``path`` keeps its previous content.
+
+    With ``replace=False`` the finished temporary file is returned instead of renamed (for callers that rotate
+    files, e.g. ``last.pt`` → ``prev.pt``, before the rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path if replace else Path(tmp)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finereg.head.bi_tuning import BiTuning, BiTuningClassifier, bi_tuning_loss

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finereg.head.co_tuning import (CategoryRelationship, CoTuning, CoTuningLoss, collect_source_outputs,
                                     co_tuning_loss, direct_relationship, reverse_relationship)
+from tests.head._util import Counting
 
 
 def test_loss_golden(golden):
@@ -97,16 +98,6 @@ def test_regularizer_module():
         reg(torch.randn(4, 6), labels)
     with pytest.raises(ValueError, match="target labels must be in 0..2"):
         reg(logits, torch.tensor([0, 1, 2, 3]))
-
-
-class Counting(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 def _loader(seed=0, n=60):

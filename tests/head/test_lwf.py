@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from finereg.head.kd import kd_loss
 from finereg.head.lwf import IndexedDataset, LwFClassifier, new_head_like, record_source_predictions
+from tests.head._util import Counting
 
 
 def tiny_pretrained(num_source=5):
@@ -119,16 +120,6 @@ def test_record_restores_mode_and_uses_eval():
     b = record_source_predictions(model, DataLoader(ds, batch_size=4))
     torch.testing.assert_close(a, b)  # dropout off: deterministic
     assert model.training
-
-
-class Counting(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 def test_record_cache_hit_and_invalidation(tmp_path):

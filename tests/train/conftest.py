@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,12 +21,8 @@ def builtin_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny models run fastest (and steadiest beside other jobs) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -13,12 +13,7 @@ from finereg.weight.orthogonal import Orthogonality, SoftOrthogonality
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n_batches=4, batch=4):

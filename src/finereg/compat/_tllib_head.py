@@ -21,7 +21,6 @@ Where this differs from tllib (deliberately):
 from __future__ import annotations
 
 import os
-import tempfile
 import types
 from typing import Optional
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._utils import atomic_write
 from ..head.bi_tuning import BiTuning as _BiTuning
 from ..head.bi_tuning import BiTuningClassifier as _BiTuningClassifier
 from ..head.co_tuning import CoTuningLoss as _CoTuningLoss
@@ -176,16 +176,7 @@ class Relationship:
 def _atomic_np_save(path: str, array) -> None:
     import numpy as np
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".relationship.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 class BiTuningClassifier(_BiTuningClassifier):

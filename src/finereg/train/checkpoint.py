@@ -7,11 +7,12 @@ at any moment leaves at least one complete checkpoint; a corrupt ``last.pt`` lea
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._utils import atomic_write
 
 __all__ = ["CheckpointError", "LAST", "PREV", "atomic_save", "save_checkpoint", "load_checkpoint",
            "find_checkpoint", "FORMAT"]
@@ -25,32 +26,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or from another run."""
 
 
-def _write_temp(obj: Any, directory: Path, name: str) -> Path:
-    """``torch.save(obj)`` into a new temporary file of ``directory``, flushed to disk; returns its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    os.replace(_write_temp(obj, path.parent, path.name), path)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike) -> Path:
     """Write ``state`` as ``run_dir/last.pt``; the checkpoint it replaces becomes ``run_dir/prev.pt``."""
     run_dir = Path(run_dir)
-    tmp = _write_temp({"format": FORMAT, **state}, run_dir, LAST)
+    tmp = atomic_write(run_dir / LAST, lambda f: torch.save({"format": FORMAT, **state}, f), replace=False)
     last = run_dir / LAST
     if last.exists():
         os.replace(last, run_dir / PREV)

@@ -9,19 +9,15 @@ from pathlib import Path
 
 from torch import Tensor
 
+from .._utils import atomic_write
+
 
 __all__ = ["MetricsLogger", "accuracy_from_counts", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def accuracy_from_counts(correct: Tensor, total: Tensor) -> tuple[float, float]:

@@ -102,6 +102,18 @@ def _select(names: list[str], patterns: Patterns, what: str) -> list[str]:
     return match_names(names, pats)
 
 
+def _chosen(names: list[str], include: Patterns, exclude: Patterns) -> list[str]:
+    """The parameter names kept by the ``include`` / ``exclude`` glob patterns, in model order."""
+    if not names:
+        raise ValueError("the model has no parameters to regularize")
+    chosen = _select(names, include, "include") if include is not None else names
+    dropped = set(_select(names, exclude, "exclude"))
+    chosen = [n for n in chosen if n not in dropped]
+    if not chosen:
+        raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
+    return chosen
+
+
 def _coef(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
         raise ValueError(f"{what} must be a finite number ≥ 0, got {value!r}")
@@ -323,13 +335,7 @@ class L2SP(_WeightPenalty):
             raise ValueError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
         params = _named_params(model, "model")
         names = list(params)
-        if not names:
-            raise ValueError("the model has no parameters to regularize")
-        chosen = _select(names, include, "include") if include is not None else names
-        dropped = set(_select(names, exclude, "exclude"))
-        chosen = [n for n in chosen if n not in dropped]
-        if not chosen:
-            raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
+        chosen = _chosen(names, include, exclude)
         new = set(_select(names, new_params, "new_params"))
 
         anchors = {n: p for n, p in params.items()} if anchor is None or anchor is model or \
@@ -387,13 +393,7 @@ class L2(_WeightPenalty):
         alpha = _coef(alpha, "alpha")
         params = _named_params(model, "model")
         names = list(params)
-        if not names:
-            raise ValueError("the model has no parameters to regularize")
-        chosen = _select(names, include, "include") if include is not None else names
-        dropped = set(_select(names, exclude, "exclude"))
-        chosen = [n for n in chosen if n not in dropped]
-        if not chosen:
-            raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
+        chosen = _chosen(names, include, exclude)
         super().__init__([], [(n, params[n]) for n in chosen], alpha, alpha, skip_frozen)
 
     def extra_repr(self) -> str:
