@@ -12,7 +12,7 @@ from typing import IO
 from torch import nn
 
 __all__ = ["unwrap", "strip_prefixes", "close_matches", "unknown_name_error", "get_submodule", "match_names",
-           "atomic_write"]
+           "atomic_write", "name_list"]
 
 # Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
 # ("module."), torch.compile ("_orig_mod.").
@@ -116,3 +116,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path if replace else Path(tmp)
+
+
+def name_list(names: str | Iterable[str], what: str, example: str) -> list[str]:
+    """``names`` (one name or an iterable of names) as a list, checked: not empty, all ``str``, no name twice
+    (after removing wrapper prefixes). ``what`` names the argument in the errors, ``example`` shows a valid one."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"{what} is empty: give {example} (see model.named_modules())")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must be str, got {bad!r}")
+    stripped = [strip_prefixes(n) for n in names]
+    dupes = sorted({n for n in stripped if stripped.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} given more than once: {dupes}")
+    return names

@@ -23,7 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from .._utils import get_submodule, unknown_name_error, unwrap
+from .._utils import get_submodule, name_list, unknown_name_error, unwrap
 
 __all__ = ["FeatureCapture", "Selector"]
 
@@ -83,16 +83,8 @@ class FeatureCapture:
                  select: Selector | Mapping[str, Selector] = None, *, detach: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        names = [names] if isinstance(names, str) else list(names)
-        if not names:
-            raise ValueError("names is empty: give the names of the submodules whose outputs to capture, "
-                             "e.g. ['layer3', 'layer4'] (see model.named_modules())")
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise TypeError(f"module names must be str, got {bad!r}")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"module names given more than once: {dupes}")
+        names = name_list(names, "module names", "the names of the submodules whose outputs to capture, e.g. "
+                           "['layer3', 'layer4']")
         modules = {n: get_submodule(model, n) for n in names}  # KeyError with close matches
         if isinstance(select, Mapping):
             for key in select:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._utils import get_submodule, strip_prefixes, unknown_name_error, unwrap
+from .._utils import get_submodule, name_list, strip_prefixes, unknown_name_error, unwrap
 
 __all__ = [
     "behavioral_penalty", "attention_behavioral_penalty", "BehavioralPenalty", "AttentionBehavioralPenalty",
@@ -238,17 +238,8 @@ class _Layer:
 
 
 def _resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer]:
-    names = [layers] if isinstance(layers, str) else list(layers)
-    if not names:
-        raise ValueError("layers is empty: name the convolution / linear layers whose channels to weigh, "
-                         "e.g. ['layer3.0.conv1', 'layer4.1.conv2']")
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad:
-        raise TypeError(f"layer names must be str, got {bad!r}")
-    stripped = [strip_prefixes(n) for n in names]
-    dupes = sorted({n for n in stripped if stripped.count(n) > 1})
-    if dupes:
-        raise ValueError(f"layers given more than once: {dupes}")
+    names = name_list(layers, "layer names", "the convolution / linear layers whose channels to weigh, e.g. "
+                      "['layer3.0.conv1', 'layer4.1.conv2']")
     out = []
     for name in names:
         m = get_submodule(model, name)
