@@ -1,0 +1,29 @@
+"""The scripts in examples/ run as a user runs them (the README points to them) and print their checks."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+CASES = {
+    "seed_orthogonal_freeze.py": ([], ["max|Δ frozen| 0.0e+00", "frozen still exact: True", "3 separate layers"]),
+    "standardize_resnet.py": (["--size", "32"], ["baked == standardized: max |diff| 0.00e+00", "torch.export"]),
+}
+
+
+def test_every_example_is_covered():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
+
+
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_example_runs(script):
+    args, expected = CASES[script]
+    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in expected:
+        assert line in out.stdout, f"{script}: {line!r} not in its output:\n{out.stdout}"
+    steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
+    assert all("max|Δ frozen| 0.0e+00" in ln for ln in steps), steps  # frozen filters never move
