@@ -91,7 +91,8 @@ class Recipe:
         self.hp = {k: _cast(self.name, k, hparams.get(k, v), v) for k, v in self.defaults.items()}
 
     def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.hp.items())})"
+        shown = {k: ("default" if v == [] else v) for k, v in self.hp.items()}  # [] = the method's default choice
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     # -- life cycle ----------------------------------------------------------------------------------
     def setup(self, ctx: Context) -> None:
