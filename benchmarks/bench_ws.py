@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     print("\nstandardization alone (all weights, forward + backward):")
     for k, v in t_ws.items():
         print(f"  {k:<16} {v * 1e3:8.3f} ms")
+    r_alone = t_ws["ours 'bit'"] / t_ws["timm StdConv2d"]
+    print(f"  ratio ours 'bit' / timm StdConv2d = {r_alone:.3f}   (the part WS adds to a convolution)")
 
     t_train = best_of({k: train_step(m, inputs) for k, m in models.items()}, args.rounds, args.number, args.clock)
     print("\ntraining step (forward + backward):")

@@ -47,7 +47,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -77,23 +76,33 @@ def _standardize_ops(v: Tensor, dims: tuple[int, ...], gamma: Tensor | None, eps
     return out if gamma is None else out * gamma
 
 
-class _FusedWS(torch.autograd.Function):
-    """The "ws" Ŵ = (v − μ)/(σ_u + eps) of a (N, C, L) view (statistics of each C over N, L), fast backward.
+class _FusedStandardize(torch.autograd.Function):
+    """Ŵ of a (N, C, L) view, statistics of each C over (N, L), n = N·L values, with BatchNorm's fused backward.
 
-    Forward: μ = mean, c = v − μ, ‖c‖, Ŵ = c·s with s = 1/(σ_u + eps), σ_u = ‖c‖/√(n−1) (fast passes;
-    ``torch.std_mean`` is several times slower on CPU). Backward: ∂L/∂v = s·(g − mean(g)) − Ŵ·Σ(g·Ŵ)/((n−1)·σ_u)
-    is BatchNorm's training-mode backward ``dx = w·ι·(g − mean(g) − x̂·mean(g·x̂))``, x̂ = c·ι, for the per-unit
-    ι = √(s·n/((n−1)·σ_u)), w = s/ι; so one call of the fused ``aten.native_batch_norm_backward`` kernel
-    computes it. Under ``create_graph=True`` the backward differentiates the plain ops instead
-    (:func:`_standardize_ops`), so higher-order gradients are exact too.
+    Forward (plain passes; ``torch.std_mean`` and ``F.batch_norm`` are slower on CPU for one sample):
+    μ = mean, c = v − μ, then
+
+        unbiased ("ws"):   Ŵ = c·s,  s = 1/(σ_u + eps),  σ_u = ‖c‖/√(n−1)
+        biased ("bit"):    Ŵ = c·ι,  ι = 1/√(‖c‖²/n + eps)
+
+    Backward: BatchNorm's training-mode backward ``dx = w·ι·(g − mean(g) − x̂·mean(g·x̂))`` with x̂ = c·ι is the
+    exact gradient of both: for "bit" with w = 1 (Ŵ is BatchNorm's x̂); for "ws", where
+    ∂L/∂v = s·(g − mean(g)) − Ŵ·Σ(g·Ŵ)/((n−1)·σ_u), with the per-unit ι = √(s·n/((n−1)·σ_u)) and w = s/ι. So
+    one call of the fused ``aten.native_batch_norm_backward`` kernel computes it. Under ``create_graph=True``
+    the backward differentiates the plain ops instead (:func:`_standardize_ops`), so higher-order gradients
+    are exact too.
     """
 
     @staticmethod
-    def forward(v: Tensor, eps: float):
+    def forward(v: Tensor, eps: float, unbiased: bool):
         n = v.shape[0] * v.shape[2]
         mean = v.mean(dim=(0, 2))
         c = v - mean.view(1, -1, 1)
-        std = torch.linalg.vector_norm(c, dim=(0, 2)) / math.sqrt(n - 1)
+        norm = torch.linalg.vector_norm(c, dim=(0, 2))
+        if not unbiased:
+            iota = torch.rsqrt(norm.square_().div_(n).add_(eps))
+            return c.mul_(iota.view(1, -1, 1)), mean, iota, torch.ones_like(iota)
+        std = norm / math.sqrt(n - 1)
         scale = 1.0 / (std + eps)
         # A constant unit (σ_u = 0) has c = 0, so any finite ι gives its exact gradient s·(g − mean(g));
         # clamping σ_u at √tiny keeps ι finite (below it the ι-term is ~σ_u·s·g: nil).
@@ -102,7 +111,7 @@ class _FusedWS(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        v, ctx.eps = inputs
+        v, ctx.eps, ctx.unbiased = inputs
         _out, mean, iota, bn_weight = output
         ctx.mark_non_differentiable(mean, iota, bn_weight)
         ctx.save_for_backward(v, mean, iota, bn_weight)
@@ -113,11 +122,11 @@ class _FusedWS(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
             with torch.enable_grad():
                 leaf = v if v.requires_grad else v.detach().requires_grad_()
-                out = _standardize_ops(leaf, (0, 2), None, ctx.eps, True)
-                return torch.autograd.grad(out, leaf, g, create_graph=True)[0], None
+                out = _standardize_ops(leaf, (0, 2), None, ctx.eps, ctx.unbiased)
+                return torch.autograd.grad(out, leaf, g, create_graph=True)[0], None, None
         dx, _, _ = torch.ops.aten.native_batch_norm_backward(
             g.contiguous(), v, bn_weight, None, None, mean, iota, True, 0.0, [True, False, False])
-        return dx, None
+        return dx, None, None
 
 
 class WeightStandardization(nn.Module):
@@ -133,9 +142,9 @@ class WeightStandardization(nn.Module):
         gamma: "scaled" only: fixed scale γ (NF-Nets' activation gain, e.g. 1.7139 for ReLU; default 1).
         gain_init: "scaled" only: initial value of the learnable per-output-unit gain (default 1).
         cache_eval: reuse Ŵ in eval mode when no gradient is needed (see module doc).
-        fused: compute Ŵ with fused kernels: BatchNorm's for "bit"/"scaled" (as timm), and for "ws" an autograd
-            function whose backward is BatchNorm's fused backward kernel (higher-order gradients fall back to
-            plain ops and stay exact). ``fused=False``: plain differentiable ops throughout (forward-mode AD).
+        fused: compute Ŵ with an autograd function whose backward is BatchNorm's fused backward kernel
+            (higher-order gradients fall back to plain ops and stay exact). ``fused=False``: plain
+            differentiable ops throughout (forward-mode AD).
             Grouped ConvTranspose always uses plain ops.
 
     Use :meth:`for_module` to build one for a layer, or :func:`standardize` for a whole model.
@@ -208,12 +217,9 @@ class WeightStandardization(nn.Module):
         else:
             # (N, C = units, L): Conv/Linear (1, out, K); ConvTranspose with groups=1 (in, out, K). Views.
             v = x.reshape(x.shape[0], x.shape[1], -1) if self.transposed else x.reshape(1, x.shape[0], -1)
-            if self.variant == "ws":
-                out = _FusedWS.apply(v, self.eps)[0]
-            else:
-                # F.batch_norm in training mode over (N, C, L): the biased statistics of each C, affine weight
-                # gain·γ/√n; BatchNorm's fused kernels forward and backward, as timm does.
-                out = F.batch_norm(v, None, None, gain, None, True, 0.0, self.eps)
+            out = _FusedStandardize.apply(v, self.eps, self.variant == "ws")[0]
+            if gain is not None:  # "scaled": the per-unit gain·γ/√fan_in
+                out = out * gain.view(1, -1, 1)
         out = out.reshape(w.shape)
         return out if out.dtype == w.dtype else out.to(w.dtype)
 
