@@ -21,12 +21,11 @@ Where this differs from tllib (deliberately):
 from __future__ import annotations
 
 import os
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .._utils import atomic_write
 from ..head.bi_tuning import BiTuning as _BiTuning
@@ -37,8 +36,7 @@ from ..head.kd import KnowledgeDistillation
 from ..head.lwf import LwFClassifier as _LwFClassifier
 
 __all__ = ["KnowledgeDistillationLoss", "LwFClassifier", "CoTuningClassifier", "CoTuningLoss", "Relationship",
-           "BiTuningClassifier", "BiTuning", "collect_pretrain_labels",
-           "knowledge_distillation", "lwf", "co_tuning", "bi_tuning"]
+           "BiTuningClassifier", "BiTuning", "collect_pretrain_labels"]
 
 
 def _default_pool() -> nn.Module:
@@ -62,6 +60,9 @@ class KnowledgeDistillationLoss(KnowledgeDistillation):
 
     def __init__(self, T: float = 1., reduction: str = "batchmean"):
         super().__init__(T=T, reduction=reduction)
+
+    def forward(self, y_student: Tensor, y_teacher: Tensor) -> Tensor:  # tllib's argument names
+        return super().forward(y_student, y_teacher)
 
 
 class LwFClassifier(_LwFClassifier):
@@ -124,6 +125,9 @@ def collect_pretrain_labels(data_loader, classifier: nn.Module, device) -> torch
 
 class CoTuningLoss(_CoTuningLoss):
     """tllib's ``CoTuningLoss()(input, target)`` = mean over the batch of −Σ target · log_softmax(input)."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002 -- tllib's argument names
+        return super().forward(input, target)
 
 
 class Relationship:
@@ -209,9 +213,3 @@ class BiTuning(_BiTuning):
     def __init__(self, encoder_q: nn.Module, encoder_k: nn.Module, num_classes: int, K: int = 40,
                  m: float = 0.999, T: float = 0.07):
         super().__init__(encoder_q, encoder_k, num_classes, K=K, m=m, T=T)
-
-
-knowledge_distillation = types.SimpleNamespace(KnowledgeDistillationLoss=KnowledgeDistillationLoss)
-lwf = types.SimpleNamespace(Classifier=LwFClassifier, collect_pretrain_labels=collect_pretrain_labels)
-co_tuning = types.SimpleNamespace(Classifier=CoTuningClassifier, CoTuningLoss=CoTuningLoss, Relationship=Relationship)
-bi_tuning = types.SimpleNamespace(Classifier=BiTuningClassifier, BiTuning=BiTuning)

@@ -19,7 +19,7 @@ Differences from tllib, all deliberate (see docs/weight_penalties.md):
 """
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from finereg.feature.bss import BSS
 from finereg.weight.l2 import L2, L2SP
@@ -57,3 +57,6 @@ class BatchSpectralShrinkage(BSS):
 
     def __init__(self, k: int = 1):
         super().__init__(k=k)
+
+    def forward(self, feature: Tensor) -> Tensor:  # tllib's argument name
+        return super().forward(feature)
