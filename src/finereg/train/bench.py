@@ -67,13 +67,16 @@ def _run_name(method: str, rate: float, seed: int) -> str:
     return f"{method}-sr{rate:g}-s{seed}"
 
 
-def _one(cfg: FitConfig) -> dict:
-    """One run (fresh, or resumed from its directory); its final metrics as a row."""
+def _one(cfg: FitConfig) -> dict | None:
+    """One run (fresh, or resumed from its directory); its final metrics as a row. ``None`` when the bench was
+    stopped before the run began; a run in progress when it is stopped saves a checkpoint and ends."""
+    if _STOP is not None and _STOP.is_set():
+        return None
     run_dir = Path(cfg.out)
     if (run_dir / LAST).exists():
         cfg = dataclasses.replace(cfg, resume=str(run_dir))
     t0 = time.perf_counter()
-    res = fit(cfg, log=lambda msg: None)
+    res = fit(cfg, log=lambda msg: None, on_step=_check_stop)
     f = res.final
     return {"method": cfg.method, "sample_rate": cfg.sample_rate, "seed": cfg.seed,
             "top1": f.get("val_top1", math.nan), "mean_class_acc": f.get("val_mean_class_acc", math.nan),
@@ -81,9 +84,23 @@ def _one(cfg: FitConfig) -> dict:
             "run_dir": str(run_dir)}
 
 
-def _init_worker() -> None:
+_STOP = None  # in a worker process: the bench's stop event
+
+
+def _check_stop(_info) -> None:
+    if _STOP is not None and _STOP.is_set():
+        raise KeyboardInterrupt  # fit saves a checkpoint and returns an interrupted result
+
+
+def _init_worker(stop) -> None:
+    """A worker: one thread; Ctrl-C ignored outside a fit (a fit handles it: checkpoint, then stop)."""
+    global _STOP
+    import signal
+
     import torch
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _STOP = stop
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -195,21 +212,29 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
                     interrupted = True
                     break
         else:
-            with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker,
-                                     mp_context=_spawn()) as pool:
+            ctx = _spawn()
+            stop = ctx.Event()
+            with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(stop,),
+                                     mp_context=ctx) as pool:
                 pending = {pool.submit(_one, c) for c in grid}
-                try:
-                    while pending:
+                while pending:
+                    try:
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            rows.append(fut.result())
-                            _tick(bar, rows[-1])
-                            interrupted |= rows[-1]["interrupted"]
-                except KeyboardInterrupt:
-                    interrupted = True
-                    for fut in pending:
-                        fut.cancel()
-                    raise
+                    except KeyboardInterrupt:
+                        if stop.is_set():  # a second Ctrl-C: stop waiting for the running fits
+                            raise
+                        stop.set()  # the running fits checkpoint at their next step; queued ones do not start
+                        interrupted = True
+                        for fut in pending:
+                            fut.cancel()
+                        log("\nbench: stopping; the running fits save a checkpoint (Ctrl-C again to quit now)")
+                        continue
+                    for fut in done:
+                        row = None if fut.cancelled() else fut.result()
+                        if row is not None:
+                            rows.append(row)
+                            _tick(bar, row)
+                            interrupted |= row["interrupted"]
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,15 +87,20 @@ def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:
     return torch.nonzero(class_ranks(labels, seed) < keep[labels]).flatten()
 
 
+def check_batch_size(n: int, batch_size: int) -> None:
+    """A training set smaller than one batch cannot make a single step: say so."""
+    if n < batch_size:
+        raise ValueError(f"the training set has {n} images, fewer than one batch ({batch_size}); "
+                         "lower --batch-size or raise --sample-rate")
+
+
 def epoch_plan(n: int, batch_size: int, steps: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
     """The sample indices and per-sample augmentation seeds of every step of an epoch, shape (steps, batch).
 
     Indices run through consecutive random permutations of ``range(n)`` (every sample once per pass, as a
     shuffled loader with ``drop_last``); both tables are a function of ``(seed, epoch)`` only.
     """
-    if n < batch_size:
-        raise ValueError(f"the training set has {n} images, fewer than one batch ({batch_size}); "
-                         "lower --batch-size or raise --sample-rate")
+    check_batch_size(n, batch_size)
     g = torch.Generator().manual_seed(derive_seed(seed, epoch))
     total = steps * batch_size
     per_pass = n - n % batch_size  # drop_last within each pass
@@ -384,7 +388,6 @@ def load_data(data: str, *, sample_rate: float = 100, data_seed: int = 0, image_
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         msg = f"skipped {len(bad)} unreadable image(s) in {root}: {shown}"
-        warnings.warn(msg, stacklevel=2)
         log(msg)
     for split, samples in (("train", ts), ("val", vs)):
         if not samples:

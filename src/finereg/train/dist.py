@@ -51,7 +51,12 @@ def rank() -> int:
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device!r} asks for CUDA but no GPU is visible; use --device cpu")

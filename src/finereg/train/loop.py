@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -33,8 +34,8 @@ from torch import Tensor, nn
 
 from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
-from .checkpoint import LAST, PREV, load_checkpoint, save_checkpoint
-from .data import BUILTIN_DATASETS, TrainData, derive_seed, epoch_plan, load_data
+from .checkpoint import LAST, PREV, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .data import BUILTIN_DATASETS, TrainData, check_batch_size, derive_seed, epoch_plan, load_data
 from .methods import Context, Recipe, StepOut, build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, accuracy_from_counts, write_text_atomic
 from .models import TransferNet, build_model
@@ -161,7 +162,7 @@ def _check(cfg: FitConfig) -> None:
         raise ValueError(f"iters_per_epoch must be >= 1, got {cfg.iters_per_epoch}")
     if not 0 < cfg.sample_rate <= 100:
         raise ValueError(f"sample_rate is a percentage in (0, 100], got {cfg.sample_rate}")
-    if (cfg.lr is not None and cfg.lr <= 0) or cfg.backbone_lr_mult < 0:
+    if (cfg.lr is not None and not 0 < cfg.lr < math.inf) or not 0 <= cfg.backbone_lr_mult < math.inf:
         raise ValueError(f"lr must be > 0 and backbone_lr_mult >= 0 (got {cfg.lr}, {cfg.backbone_lr_mult})")
     if cfg.workers < 0:
         raise ValueError(f"workers must be >= 0, got {cfg.workers}")
@@ -243,16 +244,33 @@ def _make_run_dir(cfg: FitConfig, info: fdist.DistInfo) -> Path:
     return Path(out).expanduser()
 
 
-def _prepare_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse a run directory that holds a run, unless ``overwrite``; nothing is deleted here."""
     existing = [p for p in (LAST, PREV) if (run_dir / p).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(run_dir)!r} already holds a run ({', '.join(existing)}). Continue it with "
                               "--resume, start over with --overwrite (deletes it), or choose another --out")
-    if existing:
-        for name in (LAST, PREV, "metrics.csv", "metrics.jsonl", "config.json"):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _clear_old_run(run_dir: Path) -> None:
+    """``--overwrite``: remove the previous run's files. Called only once data, model and methods are set up, so
+    a bad input leaves the previous run intact."""
+    for name in (LAST, PREV, "metrics.csv", "metrics.jsonl", "config.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def _set_aside_corrupt_last(run_dir: Path, resumed_from, log) -> None:
+    """Resuming from another checkpoint (``prev.pt``) while ``last.pt`` is unreadable: rename the corrupt file to
+    ``last.pt.corrupt``, so that the next checkpoint does not rotate it into ``prev.pt`` over the intact one."""
+    last = run_dir / LAST
+    if not last.exists() or Path(resumed_from).resolve() == last.resolve():
+        return
+    try:
+        load_checkpoint(last)
+    except CheckpointError:
+        os.replace(last, run_dir / f"{LAST}.corrupt")
+        log(f"{last} is unreadable: kept as {LAST}.corrupt")
 
 
 class _Meter:
@@ -316,12 +334,13 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
         if src is None:
             raise ValueError("resume needs the run directory (or a checkpoint file): --resume RUN_DIR")
         ckpt = load_checkpoint(src)
+        resumed_from = find_checkpoint(src)
         cfg = _merge_resume(cfg, ckpt["config"])
         run_dir = Path(src) if Path(src).is_dir() else Path(src).parent
     else:
         run_dir = _make_run_dir(cfg, info)
         if info.is_main:
-            _prepare_new_run_dir(run_dir, cfg.overwrite)
+            _check_new_run_dir(run_dir, cfg.overwrite)
     fdist.barrier()
 
     prev_det = torch.are_deterministic_algorithms_enabled()
@@ -339,9 +358,13 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
     try:
         recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data in BUILTIN_DATASETS)
         cfg = _resolve(cfg, recipes)
+        if ckpt is not None and ckpt["epoch"] > cfg.epochs:
+            raise ValueError(f"{str(run_dir)!r} already holds {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; "
+                             "resume with at least as many epochs, or start a new run (another --out)")
         torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))  # new head init
         data = load_data(cfg.data, sample_rate=cfg.sample_rate, data_seed=cfg.data_seed, image_size=cfg.image_size,
                          workers=cfg.workers, log=logp)
+        check_batch_size(len(data.train), cfg.batch_size)
         bundle = build_model(cfg.arch, len(data.classes), weights=cfg.weights, in_channels=data.in_channels,
                              cache_dir=cfg.cache_dir, log=logp)
         net = bundle.net.to(info.device)
@@ -369,8 +392,15 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
             if r.wraps:
                 model = r.wrap(net, ctx)
         model.to(info.device)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        fdist.barrier()
         for r in recipes:
             r.setup(ctx)
+        if ckpt is None and info.is_main:
+            _clear_old_run(run_dir)
+        elif info.is_main:
+            _set_aside_corrupt_last(run_dir, resumed_from, logp)
         forward = next((r.forward for r in recipes if r.wraps), None)
         views = max((r.views for r in recipes), default=1)
 
@@ -384,7 +414,11 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
             scheduler.load_state_dict(ckpt["scheduler"])
             start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
             meter_state, rng = ckpt.get("meter"), ckpt.get("rng")
-            logp(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+            if start_epoch >= cfg.epochs:
+                logp(f"{run_dir} is complete ({start_epoch} of {cfg.epochs} epochs); train longer with --epochs N")
+            else:
+                logp(f"resuming {run_dir} at epoch {start_epoch + 1}"
+                     + (f", step {start_step}" if start_step else ""))
 
         train_model = model
         if info.distributed:
@@ -483,8 +517,9 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                     break
                 if bar is not None:
                     bar.close()
+                lr = optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
                 scheduler.step()
-                row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **meter.reduced(info.device),
+                row = {"epoch": epoch + 1, "lr": lr, **meter.reduced(info.device),
                        **evaluate(net, data.val, cfg.batch_size, info.device, len(data.classes), autocast),
                        "epoch_seconds": time.perf_counter() - t0}
                 logger.log(row)

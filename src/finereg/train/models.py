@@ -270,6 +270,9 @@ def build_model(arch: str, num_classes: int, *, weights: str | None = None, in_c
                              "architecture?") from None
         source_classes = rows
     else:
+        if arch == "builtin":
+            raise ValueError(f"--weights {weights!r} names hub weights, which the built-in network has none of; "
+                             "use --weights builtin (its pretrained digits network), a file, or none")
         model = _create(arch, None, in_channels, weights)
         source_classes = None
     backbone, old_head, _ = split_classifier(model)
