@@ -100,3 +100,10 @@ def test_bench_stops_cleanly_on_ctrl_c_and_finishes_on_rerun(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and all(",40," in r for r in rows[1:]), rows  # every run trained its 40 epochs
+
+
+def test_method_spelling_errors_and_aliases(tmp_path, capsys):
+    assert main(["fit", "--method", "l2sp+", "--out", str(tmp_path / "a"), *TINY]) == 2
+    assert "has an empty part; join method names with single '+'" in capsys.readouterr().err
+    assert main(["methods"]) == 0
+    assert "l2-sp (= l2sp)" in capsys.readouterr().out

@@ -158,7 +158,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_methods(ns: argparse.Namespace) -> int:
-    from .methods import REGISTRY
+    from .methods import REGISTRY, method_aliases
 
     for name, cls in REGISTRY.items():
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
@@ -167,6 +167,8 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
         if cls.digits_defaults:
             print(f"{'':16s} on the built-in digits task: "
                   + ", ".join(f"{k}={v!r}" for k, v in cls.digits_defaults.items()))
+    print("also accepted: " + ", ".join(f"{a} (= {n})" for a, n in method_aliases().items())
+          + "; combine methods with +, e.g. l2sp+bss")
     return 0
 
 

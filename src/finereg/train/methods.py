@@ -155,6 +155,11 @@ def method_names() -> list[str]:
     return list(REGISTRY)
 
 
+def method_aliases() -> dict[str, str]:
+    """Other accepted spellings (tllib's script options and common variants) → registry name."""
+    return dict(_ALIASES)
+
+
 def _normalize(name: str) -> str:
     n = name.strip().lower().replace("_", "-")
     return _ALIASES.get(n, n)
@@ -165,6 +170,8 @@ def parse_method(spec: str) -> list[str]:
     if not spec or not spec.strip():
         raise ValueError(f"empty method; choose from {', '.join(method_names())} (combine with +)")
     names = [_normalize(p) for p in spec.split("+")]
+    if "" in names:
+        raise ValueError(f"method {spec!r} has an empty part; join method names with single '+', e.g. l2sp+bss")
     for n in names:
         if n not in REGISTRY:
             raise unknown_name_error("method", n, method_names(),
