@@ -33,6 +33,10 @@ def test_not_a_checkpoint_and_missing(tmp_path):
         find_checkpoint(tmp_path / "empty_dir" if (tmp_path / "empty_dir").mkdir() is None else tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         find_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")  # empty, and no prev.pt to fall back on
+    with pytest.raises(CheckpointError, match="corrupt or unreadable.*start the run again .*--overwrite"):
+        load_checkpoint(tmp_path / "run")
 
 
 def test_atomic_save_failure_keeps_the_old_file(tmp_path):

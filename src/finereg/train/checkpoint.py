@@ -75,4 +75,5 @@ def _fallback_hint(path: Path) -> str:
     prev = path.parent / PREV
     if path.name != PREV and prev.is_file():
         return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
-    return " Nothing was overwritten."
+    return (" Nothing was overwritten; there is no earlier checkpoint to fall back on, so start the run again "
+            "(same command with --overwrite, or another --out)")
