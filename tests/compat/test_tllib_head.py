@@ -1,5 +1,5 @@
 """finereg.compat.tllib head names: tllib's signatures and the golden values (kd, co_tuning_loss,
-relationship_direct, bi_tuning), the module-shaped namespaces, get_parameters conventions."""
+relationship_direct, bi_tuning), the submodules mirroring tllib's, get_parameters conventions."""
 import os
 
 import numpy as np
@@ -14,7 +14,7 @@ from finereg.compat.tllib import (BiTuning, BiTuningClassifier, CoTuningClassifi
                                   KnowledgeDistillationLoss, LwFClassifier, Relationship, bi_tuning, co_tuning, lwf)
 
 
-def test_namespaces_and_exports():
+def test_submodules_and_exports():
     assert lwf.Classifier is LwFClassifier and co_tuning.Classifier is CoTuningClassifier
     assert bi_tuning.Classifier is BiTuningClassifier and bi_tuning.BiTuning is BiTuning
     assert co_tuning.Relationship is Relationship and co_tuning.CoTuningLoss is CoTuningLoss

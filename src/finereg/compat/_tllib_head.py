@@ -3,8 +3,8 @@
 Same constructor signatures, call conventions, outputs and parameter/buffer names as
 ``tllib.regularization.knowledge_distillation``, ``.lwf``, ``.co_tuning`` and ``.bi_tuning``; the computations
 are finereg's (:mod:`finereg.head`). tllib has a class ``Classifier`` in each of lwf, co_tuning and bi_tuning;
-they are exported as ``LwFClassifier``, ``CoTuningClassifier`` and ``BiTuningClassifier``, and the namespaces
-``lwf``, ``co_tuning``, ``bi_tuning`` and ``knowledge_distillation`` mirror tllib's modules::
+they are exported as ``LwFClassifier``, ``CoTuningClassifier`` and ``BiTuningClassifier``, and the submodules
+``finereg.compat.tllib.lwf``, ``.co_tuning``, ``.bi_tuning`` and ``.knowledge_distillation`` mirror tllib's::
 
     from finereg.compat.tllib import bi_tuning, co_tuning, lwf
     encoder_q = bi_tuning.Classifier(backbone, num_classes, projection_dim=128)
