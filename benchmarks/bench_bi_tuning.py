@@ -15,6 +15,7 @@ logits against its own class's queue then every other class's queue (gathered by
 then that sample's key is enqueued; afterwards the queue-vs-head logits and a second loop assembling each
 sample's classifier-contrast row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def _momentum_step(module: BiTuning) -> None:
 def _contrast_row(query: torch.Tensor, queue: torch.Tensor, c: int) -> torch.Tensor:
     """query (D,) against queue (D, C, K): [own class's K keys, then the other classes' keys in class order]."""
     pos = query @ queue[:, c, :]
-    neg = query @ torch.cat([queue[:, :c, :], queue[:, c + 1:, :]], dim=1).flatten(1)
+    neg = query @ torch.cat([queue[:, :c, :], queue[:, c + 1 :, :]], dim=1).flatten(1)
     return torch.cat([pos, neg])
 
 
@@ -92,8 +93,12 @@ def loop_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, label
     for i in range(len(labels)):
         c = int(labels[i])
         rows_y.append(torch.cat([(h_q[i] * w[c]).sum().view(1), _contrast_row(w[c], module.queue_h, c)]))
-    return (y_q, F.log_softmax(torch.stack(rows_z) / T, dim=1), F.log_softmax(torch.stack(rows_y) / T, dim=1),
-            _labels_c(len(labels), C, K, z_q.dtype))
+    return (
+        y_q,
+        F.log_softmax(torch.stack(rows_z) / T, dim=1),
+        F.log_softmax(torch.stack(rows_y) / T, dim=1),
+        _labels_c(len(labels), C, K, z_q.dtype),
+    )
 
 
 def tllib_structured_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, labels: torch.Tensor):
@@ -108,10 +113,14 @@ def tllib_structured_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.T
     rows_y = []
     for i in range(len(labels)):
         c = int(labels[i])
-        neg = torch.cat([scores[:c, :, c], scores[c + 1:, :, c]], dim=0).flatten()
+        neg = torch.cat([scores[:c, :, c], scores[c + 1 :, :, c]], dim=0).flatten()
         rows_y.append(torch.cat([cur[i, c].view(1), scores[c, :, c], neg]))
-    return (y_q, F.log_softmax(torch.stack(rows_z) / T, dim=1), F.log_softmax(torch.stack(rows_y) / T, dim=1),
-            _labels_c(len(labels), C, K, z_q.dtype))
+    return (
+        y_q,
+        F.log_softmax(torch.stack(rows_z) / T, dim=1),
+        F.log_softmax(torch.stack(rows_y) / T, dim=1),
+        _labels_c(len(labels), C, K, z_q.dtype),
+    )
 
 
 def build(classes: int, K: int, features: int, projection: int, m: float, seed: int) -> BiTuning:
@@ -135,8 +144,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     fast = build(args.classes, args.queue, args.features, args.projection, 0.999, args.seed)
-    impls = {"per-sample loop": (copy.deepcopy(fast), loop_forward),
-             "tllib-structured loop": (copy.deepcopy(fast), tllib_structured_forward)}
+    impls = {
+        "per-sample loop": (copy.deepcopy(fast), loop_forward),
+        "tllib-structured loop": (copy.deepcopy(fast), tllib_structured_forward),
+    }
     g = torch.Generator().manual_seed(args.seed)
     im_q = torch.randn(args.batch, args.features, generator=g)
     im_k = im_q + 0.1 * torch.randn(args.batch, args.features, generator=g)
@@ -160,19 +171,30 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
-            t = benchmark.Timer(stmt="fn(im_q, im_k, labels)", num_threads=args.threads,
-                                globals=dict(fn=fn, im_q=im_q, im_k=im_k, labels=labels))
+            t = benchmark.Timer(
+                stmt="fn(im_q, im_k, labels)",
+                num_threads=args.threads,
+                globals=dict(fn=fn, im_q=im_q, im_k=im_k, labels=labels),
+            )
             once = t.timeit(1).mean
             number = int(args.budget / max(once, 1e-6))
             times[name].append(t.timeit(number).mean if number > 1 else once)
 
-    print(f"C={args.classes} K={args.queue} b={args.batch} F={args.features} P={args.projection} "
-          f"threads={args.threads}; training-mode forward, autograd on; outputs and queues match")
+    print(
+        f"C={args.classes} K={args.queue} b={args.batch} F={args.features} P={args.projection} "
+        f"threads={args.threads}; training-mode forward, autograd on; outputs and queues match"
+    )
     best = {name: min(v) for name, v in times.items()}
     for name, v in times.items():
-        ratio = "" if name == "finereg vectorized" else f"  -> vectorized is {best[name] / best['finereg vectorized']:.1f}x faster"
-        print(f"{name:24s}: best {best[name] * 1e3:8.2f} ms, median {statistics.median(v) * 1e3:8.2f} ms "
-              f"({len(v)} rounds){ratio}")
+        ratio = (
+            ""
+            if name == "finereg vectorized"
+            else f"  -> vectorized is {best[name] / best['finereg vectorized']:.1f}x faster"
+        )
+        print(
+            f"{name:24s}: best {best[name] * 1e3:8.2f} ms, median {statistics.median(v) * 1e3:8.2f} ms "
+            f"({len(v)} rounds){ratio}"
+        )
     return 0
 
 

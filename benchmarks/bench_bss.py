@@ -12,6 +12,7 @@ Exits non-zero if a result differs (and, with --strict, if the ratio is below 1.
 
     python benchmarks/bench_bss.py [--batch 48] [--dim 2048] [--k 1] [--threads 2] [--sweep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,7 @@ def timed(fn, f: torch.Tensor, k: int, min_time: float) -> float:
     def step():
         x = f.clone().requires_grad_()
         fn(x, k).backward()
+
     step()  # warm-up
     return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=min_time).median
 
@@ -74,7 +76,9 @@ def compare(b: int, d: int, k: int, dtype: torch.dtype, min_time: float) -> tupl
     f = features(b, d, dtype)
     ref_v, ref_g = value_and_grad(tllib_bss, f, k)
     ok = True
-    tol = dict(rtol=1e-6, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * ref_g.abs().max().item())
+    tol = (
+        dict(rtol=1e-6, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * ref_g.abs().max().item())
+    )
     for name in ("svdvals", "finereg"):
         v, g = value_and_grad(FNS[name], f, k)
         try:
@@ -86,9 +90,11 @@ def compare(b: int, d: int, k: int, dtype: torch.dtype, min_time: float) -> tupl
     times = {name: timed(fn, f, k, min_time) for name, fn in FNS.items()}
     ratio = times["tllib"] / times["finereg"]
     dt = str(dtype).replace("torch.", "")
-    print(f"  b={b:5d} d={d:5d} k={k} {dt:8s} tllib {times['tllib'] * 1e3:8.3f} ms   svdvals "
-          f"{times['svdvals'] * 1e3:8.3f} ms   finereg {times['finereg'] * 1e3:8.3f} ms   "
-          f"tllib/finereg {ratio:5.2f}x   {'same result' if ok else 'RESULTS DIFFER'}")
+    print(
+        f"  b={b:5d} d={d:5d} k={k} {dt:8s} tllib {times['tllib'] * 1e3:8.3f} ms   svdvals "
+        f"{times['svdvals'] * 1e3:8.3f} ms   finereg {times['finereg'] * 1e3:8.3f} ms   "
+        f"tllib/finereg {ratio:5.2f}x   {'same result' if ok else 'RESULTS DIFFER'}"
+    )
     return ratio, ok
 
 
@@ -96,8 +102,10 @@ def precision_row(label: str, f32: torch.Tensor, k: int) -> None:
     exact = tllib_bss(f32.double(), k).item()
     s = torch.linalg.svdvals(f32.double())
     errs = {name: abs(fn(f32, k).double().item() - exact) / exact for name, fn in FNS.items()}
-    print(f"  {label:38s} σ_max/σ_min {(s[0] / s[-1]).item():9.3g}   rel. error: tllib(float32 svd) "
-          f"{errs['tllib']:.1e}   svdvals {errs['svdvals']:.1e}   finereg {errs['finereg']:.1e}")
+    print(
+        f"  {label:38s} σ_max/σ_min {(s[0] / s[-1]).item():9.3g}   rel. error: tllib(float32 svd) "
+        f"{errs['tllib']:.1e}   svdvals {errs['svdvals']:.1e}   finereg {errs['finereg']:.1e}"
+    )
 
 
 def minilm_embeddings(n: int) -> torch.Tensor | None:
@@ -108,10 +116,24 @@ def minilm_embeddings(n: int) -> torch.Tensor | None:
         return None
     path = str(get_model_path())
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    subjects = ["The cat", "A doctor", "My neighbour", "The old engine", "This recipe", "The river", "Our team",
-                "The violin"]
-    verbs = ["sleeps near the window", "needs a careful repair", "won the final match", "smells of fresh bread",
-             "flooded the small valley", "plays a quiet melody"]
+    subjects = [
+        "The cat",
+        "A doctor",
+        "My neighbour",
+        "The old engine",
+        "This recipe",
+        "The river",
+        "Our team",
+        "The violin",
+    ]
+    verbs = [
+        "sleeps near the window",
+        "needs a careful repair",
+        "won the final match",
+        "smells of fresh bread",
+        "flooded the small valley",
+        "plays a quiet melody",
+    ]
     sentences = [f"{s} {v}." for s in subjects for v in verbs][:n]
     batch = tok(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -159,8 +181,10 @@ def main() -> int:
             precision_row("MiniLM embeddings, centred 48x384", emb - emb.mean(0), 2)
 
     worst = min(ratios)
-    print(f"\nratio tllib/finereg at b={args.batch} d={args.dim}: float32 {ratios[0]:.2f}x, float64 {ratios[1]:.2f}x "
-          f"-> {'meets' if worst >= TARGET else 'BELOW'} the {TARGET}x target; results {'agree' if ok else 'DIFFER'}")
+    print(
+        f"\nratio tllib/finereg at b={args.batch} d={args.dim}: float32 {ratios[0]:.2f}x, float64 {ratios[1]:.2f}x "
+        f"-> {'meets' if worst >= TARGET else 'BELOW'} the {TARGET}x target; results {'agree' if ok else 'DIFFER'}"
+    )
     if not ok:
         return 1
     return 2 if args.strict and worst < TARGET else 0

@@ -15,6 +15,7 @@ Exits non-zero when naive and exact differ.
     python benchmarks/bench_channel_attention.py [--layers layer3.1.conv2 layer4.1.conv2] [--batches 2]
         [--batch-size 16] [--size 64] [--threads N] [--dtype float32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def timed(fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", nargs="+", default=["layer3.1.conv2", "layer4.1.conv2"],
-                   help="DELTA regularizes the last conv of a stage (tllib's ResNet-50 list: layerN.<last>.conv3)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=["layer3.1.conv2", "layer4.1.conv2"],
+        help="DELTA regularizes the last conv of a stage (tllib's ResNet-50 list: layerN.<last>.conv3)",
+    )
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=64, help="image side (pixels)")
@@ -70,10 +75,17 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = resnet18(weights=None, num_classes=args.classes).to(dtype).eval()
-    batches = [(torch.randn(args.batch_size, 3, args.size, args.size, dtype=dtype),
-                torch.randint(0, args.classes, (args.batch_size,))) for _ in range(args.batches)]
-    print(f"ResNet-18 (random init, eval), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
-          f"{args.dtype}, {torch.get_num_threads()} threads, layers {args.layers}")
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, args.size, args.size, dtype=dtype),
+            torch.randint(0, args.classes, (args.batch_size,)),
+        )
+        for _ in range(args.batches)
+    ]
+    print(
+        f"ResNet-18 (random init, eval), {args.batches} batches of {args.batch_size}x3x{args.size}x{args.size}, "
+        f"{args.dtype}, {torch.get_num_threads()} threads, layers {args.layers}"
+    )
 
     channel_importance(model, args.layers, batches[:1], max_batches=1)  # warm-up (first-call overheads)
     # The machine may be shared: time naive and exact on each (layer, batch) one right after the other, so that both
@@ -84,12 +96,12 @@ def main(argv=None) -> int:
     t_exact = dict.fromkeys(args.layers, 0.0)
     for batch in batches:
         for name in args.layers:
-            (w,), t = timed(lambda: naive_loop(model, [name], [batch]))
+            (w,), t = timed(lambda name=name, batch=batch: naive_loop(model, [name], [batch]))
             naive[name].append(w)
             t_naive[name] += t
             best = float("inf")
             for _ in range(args.repeats):
-                r, t = timed(lambda: channel_importance(model, [name], [batch]))
+                r, t = timed(lambda name=name, batch=batch: channel_importance(model, [name], [batch]))
                 best = min(best, t)
             exact_parts[name].append(r[name])
             t_exact[name] += best
@@ -103,13 +115,19 @@ def main(argv=None) -> int:
 
     print(f"\ntimes in seconds, summed over the batches (exact and taylor: best of {args.repeats}):")
     for name in args.layers:
-        print(f"  {name:<16} {naive[name].numel():4d} channels  naive {t_naive[name]:8.2f}  exact {t_exact[name]:7.3f}"
-              f"  speed-up {t_naive[name] / t_exact[name]:6.1f}x")
+        print(
+            f"  {name:<16} {naive[name].numel():4d} channels  naive {t_naive[name]:8.2f}  exact {t_exact[name]:7.3f}"
+            f"  speed-up {t_naive[name] / t_exact[name]:6.1f}x"
+        )
     total_naive, total_exact = sum(t_naive.values()), sum(t_exact.values())
-    print(f"  all layers             naive {total_naive:8.2f}  exact {total_exact:7.3f}  speed-up "
-          f"{total_naive / total_exact:6.1f}x")
-    print(f"  (one call for all layers and batches: exact {t_all:.3f} s; taylor {t_taylor:.3f} s, "
-          f"{total_naive / t_taylor:.0f}x faster than naive)")
+    print(
+        f"  all layers             naive {total_naive:8.2f}  exact {total_exact:7.3f}  speed-up "
+        f"{total_naive / total_exact:6.1f}x"
+    )
+    print(
+        f"  (one call for all layers and batches: exact {t_all:.3f} s; taylor {t_taylor:.3f} s, "
+        f"{total_naive / t_taylor:.0f}x faster than naive)"
+    )
 
     ok = True
     att_naive = attention_from_importance(naive)
@@ -124,8 +142,10 @@ def main(argv=None) -> int:
         rho = spearmanr(wn.numpy(), we.numpy()).statistic
         good = d_raw <= tol * max(1.0, scale)
         ok &= good
-        print(f"  {name:<16} max|Δ loss increase| {d_raw:.1e} (largest increase {scale:.1e}), max relative Δ "
-              f"attention {d_att:.1e}, Spearman {rho:.4f}  {'OK' if good else 'MISMATCH'}")
+        print(
+            f"  {name:<16} max|Δ loss increase| {d_raw:.1e} (largest increase {scale:.1e}), max relative Δ "
+            f"attention {d_att:.1e}, Spearman {rho:.4f}  {'OK' if good else 'MISMATCH'}"
+        )
     print("\ntaylor vs exact, Spearman rank correlation per layer:")
     for name in args.layers:
         print(f"  {name:<16} {spearmanr(taylor[name].numpy(), exact[name].numpy()).statistic:.3f}")

@@ -13,6 +13,7 @@ download).
 
     python benchmarks/bench_l2sp_fused.py [--dtype float32] [--threads 2] [--min-time 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def main() -> int:
     reg = L2SP(target, source, alpha=ALPHA, beta=BETA, new_params="fc.*")
     source_weight = {n: p.detach().clone() for n, p in source.named_parameters() if not n.startswith("fc.")}
     n_el = sum(p.numel() for p in params)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.dtype}; ResNet-50: "
-          f"{len(reg.anchored_names)} anchored tensors + {len(reg.unanchored_names)} new ({n_el / 1e6:.1f} M values)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.dtype}; ResNet-50: "
+        f"{len(reg.anchored_names)} anchored tensors + {len(reg.unanchored_names)} new ({n_el / 1e6:.1f} M values)"
+    )
 
     gen = torch.Generator().manual_seed(1)
     base = [torch.randn(p.shape, generator=gen, dtype=dtype) for p in params]  # the task loss's gradients
@@ -102,9 +105,11 @@ def main() -> int:
         times[name] = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_time).median
     for name, t in times.items():
         print(f"  {name:8s} {t * 1e3:8.2f} ms")
-    print(f"ratio penalty+backward / fused: {times['penalty'] / times['fused']:.2f}x; "
-          f"tllib loop / fused: {times['tllib'] / times['fused']:.2f}x; "
-          f"gradients {'agree' if ok else 'DIFFER'}")
+    print(
+        f"ratio penalty+backward / fused: {times['penalty'] / times['fused']:.2f}x; "
+        f"tllib loop / fused: {times['tllib'] / times['fused']:.2f}x; "
+        f"gradients {'agree' if ok else 'DIFFER'}"
+    )
     return 0 if ok else 1
 
 

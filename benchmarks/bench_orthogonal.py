@@ -11,6 +11,7 @@ non-zero on a mismatch.
 
     python benchmarks/bench_orthogonal.py [--dtype float32] [--repeats 5] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant (best and median reported)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: stable on a shared machine; 0 = torch's default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: stable on a shared machine; 0 = torch's default)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,9 +83,11 @@ def main() -> int:
     # 1. same result (float64)
     model, convs, penalty = build(torch.float64)
     params = [c.weight for c in convs]
-    print(f"ResNet-50 stages: {len(convs)} conv weights in {len(penalty.groups)} groups, "
-          f"{sum(p.numel() for p in params) / 1e6:.1f} M weights; "
-          f"{len({tuple(m.shape) for g in penalty.groups for m in g.matrices()})} distinct matrix shapes")
+    print(
+        f"ResNet-50 stages: {len(convs)} conv weights in {len(penalty.groups)} groups, "
+        f"{sum(p.numel() for p in params) / 1e6:.1f} M weights; "
+        f"{len({tuple(m.shape) for g in penalty.groups for m in g.matrices()})} distinct matrix shapes"
+    )
     ref_v, ref_g = value_and_grads(lambda: naive_total(convs), params)
     ok = True
     for name, fn in (("small", lambda: small_side_total(convs)), ("finereg", penalty)):
@@ -89,8 +96,10 @@ def main() -> int:
         err_g = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g, ref_g))
         good = err_v < 1e-9 and err_g < 1e-9
         ok &= good
-        print(f"check {name:8s} vs naive (float64): value {v.item():.6f} vs {ref_v.item():.6f}, "
-              f"rel err value {err_v:.1e}, grads {err_g:.1e} -> {'OK' if good else 'MISMATCH'}")
+        print(
+            f"check {name:8s} vs naive (float64): value {v.item():.6f} vs {ref_v.item():.6f}, "
+            f"rel err value {err_v:.1e}, grads {err_g:.1e} -> {'OK' if good else 'MISMATCH'}"
+        )
     if not ok:
         return 1
 
@@ -98,11 +107,19 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     model, convs, penalty = build(dtype)
     params = [c.weight for c in convs]
-    env = {"value_and_grads": value_and_grads, "params": params, "naive_total": naive_total,
-           "small_side_total": small_side_total, "convs": convs, "penalty": penalty}
-    stmts = {"naive": "value_and_grads(lambda: naive_total(convs), params)",
-             "small": "value_and_grads(lambda: small_side_total(convs), params)",
-             "finereg": "value_and_grads(penalty, params)"}
+    env = {
+        "value_and_grads": value_and_grads,
+        "params": params,
+        "naive_total": naive_total,
+        "small_side_total": small_side_total,
+        "convs": convs,
+        "penalty": penalty,
+    }
+    stmts = {
+        "naive": "value_and_grads(lambda: naive_total(convs), params)",
+        "small": "value_and_grads(lambda: small_side_total(convs), params)",
+        "finereg": "value_and_grads(penalty, params)",
+    }
     timers = {k: Timer(v, globals=env, num_threads=torch.get_num_threads()) for k, v in stmts.items()}
     for t in timers.values():
         t.timeit(1)  # warm-up
@@ -112,11 +129,15 @@ def main() -> int:
             runs[k].append(t.timeit(1).median)
     best = {k: min(v) for k, v in runs.items()}
     for k, v in runs.items():
-        print(f"{k:8s} value+grad: best {best[k] * 1e3:8.1f} ms, median {statistics.median(v) * 1e3:8.1f} ms "
-              f"({args.repeats} runs, {args.dtype}, {torch.get_num_threads()} thread(s))")
-    print(f"speed-up finereg vs naive loop: {best['naive'] / best['finereg']:.2f}x best-of-{args.repeats} "
-          f"(median {statistics.median(runs['naive']) / statistics.median(runs['finereg']):.2f}x); "
-          f"smaller-side loop alone: {best['naive'] / best['small']:.2f}x")
+        print(
+            f"{k:8s} value+grad: best {best[k] * 1e3:8.1f} ms, median {statistics.median(v) * 1e3:8.1f} ms "
+            f"({args.repeats} runs, {args.dtype}, {torch.get_num_threads()} thread(s))"
+        )
+    print(
+        f"speed-up finereg vs naive loop: {best['naive'] / best['finereg']:.2f}x best-of-{args.repeats} "
+        f"(median {statistics.median(runs['naive']) / statistics.median(runs['finereg']):.2f}x); "
+        f"smaller-side loop alone: {best['naive'] / best['small']:.2f}x"
+    )
     return 0
 
 

@@ -13,6 +13,7 @@ Targets: training ratio to timm ≤ 1.0; eval ratio to plain Conv2d ≤ 1.02. Ex
     python benchmarks/bench_ws.py --threads 0 --clock wall   # torch's threads, wall time
     python benchmarks/bench_ws.py --device cuda --batch 32 --scale 1 --threads 0
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def build(args):
     torch.manual_seed(0)
     stages = [STAGES[s] for s in args.stages]
     plain = nn.ModuleList(bottleneck(plain_conv, c, m) for c, m, _ in stages).to(args.device)
-    inputs = [torch.randn(args.batch, c, max(2, round(s * args.scale)), max(2, round(s * args.scale)),
-                          device=args.device) for c, _, s in stages]
+    inputs = [
+        torch.randn(args.batch, c, max(2, round(s * args.scale)), max(2, round(s * args.scale)), device=args.device)
+        for c, _, s in stages
+    ]
 
     def like(conv_factory):
         m = nn.ModuleList(bottleneck(conv_factory, c, mid) for c, mid, _ in stages).to(args.device)
@@ -96,6 +99,7 @@ def train_step(model, inputs):
         outs = [block(x) for block, x in zip(model, inputs)]
         torch.autograd.backward(outs, grads)
         return outs
+
     return step
 
 
@@ -103,6 +107,7 @@ def eval_step(model, inputs):
     def step():
         with torch.no_grad():
             return [block(x) for block, x in zip(model, inputs)]
+
     return step
 
 
@@ -118,11 +123,13 @@ def best_of(fns: dict, rounds: int, number: int, clock: str = "wall") -> dict:
         timers = {k: Timer("f()", globals={"f": f}) for k, f in fns.items()}
         measure = {k: (lambda t=t: t.timeit(number).mean) for k, t in timers.items()}
     else:
+
         def cpu_time(f):
             t0 = time.process_time()
             for _ in range(number):
                 f()
             return (time.process_time() - t0) / number
+
         measure = {k: (lambda f=f: cpu_time(f)) for k, f in fns.items()}
     for f in fns.values():  # warm-up
         f()
@@ -166,17 +173,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 3], choices=sorted(STAGES),
-                    help="ResNet-50 stages whose bottleneck convolutions are stacked (default: 1 3)")
+    ap.add_argument(
+        "--stages",
+        type=int,
+        nargs="+",
+        default=[1, 3],
+        choices=sorted(STAGES),
+        help="ResNet-50 stages whose bottleneck convolutions are stacked (default: 1 3)",
+    )
     ap.add_argument("--scale", type=float, default=0.5, help="spatial size relative to a 224×224 input (default 0.5)")
     ap.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds, best kept (default 40)")
     ap.add_argument("--number", type=int, default=1, help="calls per timing (default 1)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared CPU, OpenMP threads waiting for a busy "
-                         "core dominate multi-threaded timings; 0 = torch's default)")
-    ap.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
-                    help="wall time, or this process's CPU time (steadier on a shared CPU; with --threads 1). "
-                         "auto: cpu on a CPU device with one thread, wall otherwise")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared CPU, OpenMP threads waiting for a busy "
+        "core dominate multi-threaded timings; 0 = torch's default)",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=["auto", "wall", "cpu"],
+        default="auto",
+        help="wall time, or this process's CPU time (steadier on a shared CPU; with --threads 1). "
+        "auto: cpu on a CPU device with one thread, wall otherwise",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,30 +210,39 @@ def main(argv=None) -> int:
 
     if args.clock == "cpu" and args.device != "cpu":
         ap.error("--clock cpu measures CPU time; use --clock wall on an accelerator")
-    print(f"clock={args.clock} device={args.device} threads={torch.get_num_threads()} batch={args.batch} stages={args.stages} "
-          f"spatial={[tuple(x.shape[2:]) for x in inputs]} torch={torch.__version__}")
+    print(
+        f"clock={args.clock} device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+        f"stages={args.stages} "
+        f"spatial={[tuple(x.shape[2:]) for x in inputs]} torch={torch.__version__}"
+    )
     n_w = sum(m.weight.numel() for m in models["plain Conv2d"].modules() if isinstance(m, nn.Conv2d))
     print(f"{sum(isinstance(m, nn.Conv2d) for m in models['plain Conv2d'].modules())} convolutions, {n_w:,} weights")
 
     # the standardization alone: every weight of the stack, forward + backward (no convolution)
     # the standardization alone: every weight of the stack, forward + backward with a fixed Ŵ gradient
     def timm_ws(c):
-        return F.batch_norm(c.weight.reshape(1, c.out_channels, -1), None, None, training=True, momentum=0.0,
-                            eps=c.eps).reshape_as(c.weight)
+        return F.batch_norm(
+            c.weight.reshape(1, c.out_channels, -1), None, None, training=True, momentum=0.0, eps=c.eps
+        ).reshape_as(c.weight)
 
     def seed_ws(c):
         w = c.weight
         w = w - w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
         return w / (w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
 
-    ws_fns = {"ours 'bit'": lambda c: c.weight, "ours 'ws'": lambda c: c.weight,
-              "timm StdConv2d": timm_ws, "seed naive": seed_ws}
+    ws_fns = {
+        "ours 'bit'": lambda c: c.weight,
+        "ours 'ws'": lambda c: c.weight,
+        "timm StdConv2d": timm_ws,
+        "seed naive": seed_ws,
+    }
     ws_alone = {}
     for name, ws_fn in ws_fns.items():
         convs = [m for m in models[name].modules() if isinstance(m, nn.Conv2d)]
         w_grads = [torch.randn(c.weight.shape, device=args.device) for c in convs]
         ws_alone[name] = lambda convs=convs, ws_fn=ws_fn, w_grads=w_grads: torch.autograd.backward(
-            [ws_fn(c) for c in convs], w_grads)
+            [ws_fn(c) for c in convs], w_grads
+        )
     t_ws = best_of(ws_alone, args.rounds, args.number, args.clock)
     print("\nstandardization alone (all weights, forward + backward):")
     for k, v in t_ws.items():
@@ -239,19 +269,31 @@ def main(argv=None) -> int:
         for a, b in zip(eval_step(cached, inputs)(), eval_step(baked, inputs)()):
             if not torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())):
                 errors.append(f"baked outputs differ from cached: {float((a - b).abs().max()):.3g}")
-    t_eval = best_of({"plain Conv2d": eval_step(plain, inputs), "ours cached": eval_step(cached, inputs),
-                      "ours baked": eval_step(baked, inputs)}, args.rounds, args.number, args.clock)
+    t_eval = best_of(
+        {
+            "plain Conv2d": eval_step(plain, inputs),
+            "ours cached": eval_step(cached, inputs),
+            "ours baked": eval_step(baked, inputs),
+        },
+        args.rounds,
+        args.number,
+        args.clock,
+    )
     print("\ninference (eval, no_grad):")
     for k, v in t_eval.items():
         print(f"  {k:<16} {v * 1e3:8.2f} ms")
-    print(f"  ratio ours cached / plain Conv2d = {t_eval['ours cached'] / t_eval['plain Conv2d']:.3f}   (target ≤ 1.02)")
+    print(
+        f"  ratio ours cached / plain Conv2d = {t_eval['ours cached'] / t_eval['plain Conv2d']:.3f}   (target ≤ 1.02)"
+    )
     print(f"  ratio ours baked  / plain Conv2d = {t_eval['ours baked'] / t_eval['plain Conv2d']:.3f}   (target ≤ 1.02)")
 
     if errors:
         print("\nRESULTS DIFFER:\n  " + "\n  ".join(errors))
         return 1
-    print(f"\nresults agree: ours 'bit' = timm StdConv2d and ours 'ws' = seed (float64, rtol {tol:g}); "
-          "baked = cached (float32, rtol 1e-4)")
+    print(
+        f"\nresults agree: ours 'bit' = timm StdConv2d and ours 'ws' = seed (float64, rtol {tol:g}); "
+        "baked = cached (float32, rtol 1e-4)"
+    )
     return 0
 
 

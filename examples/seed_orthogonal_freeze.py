@@ -7,6 +7,7 @@ exactly, and the penalty keeps seeing all 10 (frozen ones included).
 
 Run:  python examples/seed_orthogonal_freeze.py [--freeze 0,3,7] [--steps 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,12 @@ def main() -> None:
     penalty = Orthogonality(group, coef=0.01)  # Keras-equal, rows = output units
     keras_reg = OrthogonalRegularizer(0.01, mode="columns")  # Keras kernel (1,1,1024,10): filters are columns
     print(f"conv weight {tuple(conv.weight.shape)} -> group matrix {group.shape}")
-    print(f"orthogonality penalty {penalty().item():.6f}  (Keras OrthogonalRegularizer on the Keras kernel: "
-          f"{keras_reg(conv.weight.detach(), layout='torch').item():.6f})")
+    print(
+        f"orthogonality penalty {penalty().item():.6f}  (Keras OrthogonalRegularizer on the Keras kernel: "
+        f"{keras_reg(conv.weight.detach(), layout='torch').item():.6f})"
+    )
 
-    frozen = ([int(i) for i in args.freeze.split(",")] if args.freeze
-              else sorted(torch.randperm(10)[:3].tolist()))
+    frozen = [int(i) for i in args.freeze.split(",")] if args.freeze else sorted(torch.randperm(10)[:3].tolist())
     start = conv.weight.detach().clone()
     freeze(conv, "weight", frozen)
     trainable = [i for i in range(10) if i not in frozen]
@@ -62,10 +64,12 @@ def main() -> None:
         opt.step()
         if step == 1 or step % 10 == 0 or step == args.steps:
             w = conv.weight.detach()
-            print(f"step {step:3d}  data {data_loss.item():.5f}  penalty {reg.item():.6f}  "
-                  f"max|Δ frozen| {(w[frozen] - start[frozen]).abs().max().item():.1e}  "
-                  f"max|Δ trainable| {(w[trainable] - start[trainable]).abs().max().item():.1e}  "
-                  f"max|cos| {max_abs_cos(w):.4f}")
+            print(
+                f"step {step:3d}  data {data_loss.item():.5f}  penalty {reg.item():.6f}  "
+                f"max|Δ frozen| {(w[frozen] - start[frozen]).abs().max().item():.1e}  "
+                f"max|Δ trainable| {(w[trainable] - start[trainable]).abs().max().item():.1e}  "
+                f"max|cos| {max_abs_cos(w):.4f}"
+            )
     assert torch.equal(conv.weight[frozen], start[frozen]), "frozen filters moved"
 
     # the penalty sees the frozen filters: pure soft orthogonality pushes the others away from them
@@ -80,8 +84,10 @@ def main() -> None:
         opt.step()
     u = F.normalize(conv.weight.detach().reshape(10, -1), dim=1)
     after = (u[trainable] @ u[frozen].T).abs().max().item()
-    print(f"soft orthogonality only: max|cos(trainable, frozen)| {before:.4f} -> {after:.2e}; "
-          f"frozen still exact: {torch.equal(conv.weight[frozen], start[frozen])}")
+    print(
+        f"soft orthogonality only: max|cos(trainable, frozen)| {before:.4f} -> {after:.2e}; "
+        f"frozen still exact: {torch.equal(conv.weight[frozen], start[frozen])}"
+    )
 
     # the seed's Keras workaround, for comparison: one regularizer over three separate layers
     parts = [nn.Conv2d(1024, k, 1, bias=False) for k in (3, 3, 4)]

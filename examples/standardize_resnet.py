@@ -8,6 +8,7 @@ torchvision) before converting. Note WS changes what every convolution computes:
 with WS (BiT, NF-Nets) or training from scratch / long fine-tuning; on an ImageNet BatchNorm ResNet the
 converted model starts from a different function than the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse

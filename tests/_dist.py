@@ -1,4 +1,5 @@
 """A gloo process group for tests that spawn CPU processes."""
+
 import contextlib
 
 import torch.distributed as dist

@@ -1,4 +1,5 @@
 """Shared fixtures: the golden reference vectors (tests/data) and small helpers."""
+
 import os
 from pathlib import Path
 

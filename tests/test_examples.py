@@ -1,4 +1,5 @@
 """The scripts in examples/ run as a user runs them (the README points to them) and print their checks."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,7 @@ def test_every_example_is_covered():
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_example_runs(script):
     args, expected = CASES[script]
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in expected:
         assert line in out.stdout, f"{script}: {line!r} not in its output:\n{out.stdout}"

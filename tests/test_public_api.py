@@ -1,12 +1,20 @@
 """The public names promised by the README import from the top-level package and its subpackages."""
+
 import importlib
 
 import pytest
 
 import finereg
 
-SUBPACKAGES = ["finereg.weight", "finereg.feature", "finereg.head", "finereg.reparam", "finereg.train",
-               "finereg.compat.tllib", "finereg.compat.keras"]
+SUBPACKAGES = [
+    "finereg.weight",
+    "finereg.feature",
+    "finereg.head",
+    "finereg.reparam",
+    "finereg.train",
+    "finereg.compat.tllib",
+    "finereg.compat.keras",
+]
 
 
 @pytest.mark.parametrize("name", SUBPACKAGES)
@@ -18,9 +26,25 @@ def test_all_names_resolve(name):
 
 
 def test_top_level_has_every_family():
-    for n in ["L2", "L2SP", "WeightGroup", "SoftOrthogonality", "FeatureCapture", "behavioral_penalty",
-              "channel_attention", "BSS", "kd_loss", "LwFClassifier", "CoTuningLoss", "BiTuning", "freeze",
-              "unfreeze", "standardize", "bake", "batchnorm_to_groupnorm"]:
+    for n in [
+        "L2",
+        "L2SP",
+        "WeightGroup",
+        "SoftOrthogonality",
+        "FeatureCapture",
+        "behavioral_penalty",
+        "channel_attention",
+        "BSS",
+        "kd_loss",
+        "LwFClassifier",
+        "CoTuningLoss",
+        "BiTuning",
+        "freeze",
+        "unfreeze",
+        "standardize",
+        "bake",
+        "batchnorm_to_groupnorm",
+    ]:
         assert n in finereg.__all__ and callable(getattr(finereg, n)), n
     assert len(set(finereg.__all__)) == len(finereg.__all__), "a name is exported by two families"
 
@@ -29,8 +53,11 @@ def test_core_import_needs_only_torch():
     """``import finereg`` pulls in no optional dependency beyond what ``import torch`` itself loads."""
     import subprocess
     import sys
-    code = ("import sys, torch; before = set(sys.modules); import finereg; "
-            "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-            "heavy = new & {'torchvision', 'timm', 'transformers', 'tqdm', 'matplotlib', 'sklearn', 'tensorboard', "
-            "'PIL', 'scipy'}; assert not heavy, heavy")
+
+    code = (
+        "import sys, torch; before = set(sys.modules); import finereg; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "heavy = new & {'torchvision', 'timm', 'transformers', 'tqdm', 'matplotlib', 'sklearn', 'tensorboard', "
+        "'PIL', 'scipy'}; assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

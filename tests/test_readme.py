@@ -1,4 +1,5 @@
 """The README's code blocks run as written, and its set-up commands exist in the Makefile and CI script."""
+
 import re
 from pathlib import Path
 

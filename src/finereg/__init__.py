@@ -3,6 +3,7 @@
 The public names of the four families live here; the engine is :mod:`finereg.train`, the drop-in
 replacements for tllib and Keras are :mod:`finereg.compat.tllib` and :mod:`finereg.compat.keras`.
 """
+
 from .feature import *  # noqa: F401,F403
 from .feature import __all__ as _feature
 from .head import *  # noqa: F401,F403

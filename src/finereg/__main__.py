@@ -1,7 +1,8 @@
 """``python -m finereg`` runs the ``finereg`` command (see :mod:`finereg.train.cli`)."""
+
 import sys
 
-from finereg.train.cli import main
+from .train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
 """Small helpers shared across finereg: unwrapping wrapped models, resolving names, clear errors."""
+
 from __future__ import annotations
 
 import difflib
@@ -11,8 +12,18 @@ from typing import IO
 
 from torch import nn
 
-__all__ = ["unwrap", "strip_prefixes", "close_matches", "unknown_name_error", "get_submodule", "match_names",
-           "atomic_write", "name_list"]
+from ._checks import UnknownNameError
+
+__all__ = [
+    "unwrap",
+    "strip_prefixes",
+    "close_matches",
+    "unknown_name_error",
+    "get_submodule",
+    "match_names",
+    "atomic_write",
+    "name_list",
+]
 
 # Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
 # ("module."), torch.compile ("_orig_mod.").
@@ -37,7 +48,7 @@ def strip_prefixes(name: str) -> str:
         changed = False
         for p in _WRAPPER_PREFIXES:
             if name.startswith(p):
-                name, changed = name[len(p):], True
+                name, changed = name[len(p) :], True
     return name
 
 
@@ -50,8 +61,8 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
     return found
 
 
-def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> KeyError:
-    """A KeyError for an unknown ``name`` that lists close matches among ``candidates``."""
+def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> UnknownNameError:
+    """An :class:`UnknownNameError` (a ``KeyError``) for an unknown ``name`` that lists close matches among ``candidates``."""
     candidates = list(candidates)
     near = close_matches(name, candidates)
     msg = f"no {kind} named {name!r}"
@@ -62,14 +73,7 @@ def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: st
         msg += f"; available: {shown}" if candidates else f"; there are no {kind}s to choose from"
     if hint:
         msg += f" {hint}"
-    return _ClearKeyError(msg)
-
-
-class _ClearKeyError(KeyError):
-    """KeyError whose message prints without the extra quotes KeyError adds."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+    return UnknownNameError(msg)
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -81,8 +85,12 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise unknown_name_error("submodule", name, (n for n, _ in model.named_modules() if n),
-                                 hint="(names are those of model.named_modules())") from None
+        raise unknown_name_error(
+            "submodule",
+            name,
+            (n for n, _ in model.named_modules() if n),
+            hint="(names are those of model.named_modules())",
+        ) from None
 
 
 def match_names(names: Sequence[str], patterns: str | Sequence[str] | None) -> list[str]:

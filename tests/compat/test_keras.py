@@ -1,4 +1,5 @@
 """finereg.compat.keras.OrthogonalRegularizer against the golden values and Keras 3 itself."""
+
 import math
 
 import pytest
@@ -53,8 +54,11 @@ def test_torch_layout_matches_keras_layout_and_core_penalty():
     # finereg's own rows = output units: mode="rows" there is Keras's mode="columns" on a Keras kernel
     assert math.isclose(Orthogonality(WeightGroup(conv), coef=0.01, mode="rows")().item(), expected, rel_tol=1e-5)
     # and Keras's rows mode (input-side vectors; row order differs, the value does not)
-    assert math.isclose(float(OrthogonalRegularizer(0.01, "rows")(conv.weight.detach(), layout="torch")),
-                        keras_value(0.01, "rows", keras_kernel.reshape(-1, 10)), rel_tol=1e-5)
+    assert math.isclose(
+        float(OrthogonalRegularizer(0.01, "rows")(conv.weight.detach(), layout="torch")),
+        keras_value(0.01, "rows", keras_kernel.reshape(-1, 10)),
+        rel_tol=1e-5,
+    )
 
 
 def test_gradient_equals_keras_torch_backend():

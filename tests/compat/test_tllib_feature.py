@@ -1,4 +1,5 @@
 """finereg.compat.tllib's feature names: tllib's signatures, call conventions and golden numbers."""
+
 import inspect
 from collections import OrderedDict
 
@@ -7,8 +8,12 @@ import torch
 from torch import nn
 
 from finereg.compat import _tllib_feature
-from finereg.compat._tllib_feature import (AttentionBehavioralRegularization, BehavioralRegularization,
-                                           IntermediateLayerGetter, channel_attention)
+from finereg.compat._tllib_feature import (
+    AttentionBehavioralRegularization,
+    BehavioralRegularization,
+    IntermediateLayerGetter,
+    channel_attention,
+)
 
 TOL = dict(rtol=1e-6, atol=1e-8)
 
@@ -16,8 +21,12 @@ TOL = dict(rtol=1e-6, atol=1e-8)
 def test_all_and_reexport():
     from finereg.compat import tllib
 
-    assert _tllib_feature.__all__ == ["BehavioralRegularization", "AttentionBehavioralRegularization",
-                                      "IntermediateLayerGetter", "channel_attention"]
+    assert _tllib_feature.__all__ == [
+        "BehavioralRegularization",
+        "AttentionBehavioralRegularization",
+        "IntermediateLayerGetter",
+        "channel_attention",
+    ]
     for name in _tllib_feature.__all__:
         assert getattr(tllib, name) is getattr(_tllib_feature, name)
 
@@ -27,8 +36,7 @@ def test_signatures_are_tllibs():
     assert params(BehavioralRegularization) == []
     assert params(BehavioralRegularization.forward) == ["self", "layer_outputs_source", "layer_outputs_target"]
     assert params(AttentionBehavioralRegularization) == ["channel_attention"]
-    assert params(AttentionBehavioralRegularization.forward) == ["self", "layer_outputs_source",
-                                                                 "layer_outputs_target"]
+    assert params(AttentionBehavioralRegularization.forward) == ["self", "layer_outputs_source", "layer_outputs_target"]
     sig = inspect.signature(IntermediateLayerGetter)
     assert list(sig.parameters) == ["model", "return_layers", "keep_output"]
     assert sig.parameters["keep_output"].default is True

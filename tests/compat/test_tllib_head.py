@@ -1,5 +1,6 @@
 """finereg.compat.tllib head names: tllib's signatures and the golden values (kd, co_tuning_loss,
 relationship_direct, bi_tuning), the submodules mirroring tllib's, get_parameters conventions."""
+
 import os
 
 import numpy as np
@@ -10,8 +11,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from finereg.compat import tllib
-from finereg.compat.tllib import (BiTuning, BiTuningClassifier, CoTuningClassifier, CoTuningLoss,
-                                  KnowledgeDistillationLoss, LwFClassifier, Relationship, bi_tuning, co_tuning, lwf)
+from finereg.compat.tllib import (
+    BiTuning,
+    BiTuningClassifier,
+    CoTuningClassifier,
+    CoTuningLoss,
+    KnowledgeDistillationLoss,
+    LwFClassifier,
+    Relationship,
+    bi_tuning,
+    co_tuning,
+    lwf,
+)
 
 
 def test_submodules_and_exports():
@@ -100,7 +111,9 @@ def test_lwf_classifier_tllib_signature():
     assert [g["lr"] for g in groups] == [pytest.approx(0.01), 0.1, 0.1]
     params = {id(p) for g in groups for p in g["params"]}
     assert not params & {id(p) for p in head_source.parameters()}  # tllib leaves the source head out
-    assert [g["lr"] for g in lwf.Classifier(Backbone(), 3, nn.Linear(4, 10), finetune=False).get_parameters()] == [1.0] * 3
+    assert [g["lr"] for g in lwf.Classifier(Backbone(), 3, nn.Linear(4, 10), finetune=False).get_parameters()] == [
+        1.0
+    ] * 3
     bottled = lwf.Classifier(Backbone(), 3, nn.Linear(4, 10), bottleneck=nn.Linear(4, 6), bottleneck_dim=6)
     assert bottled.head_target.in_features == 6 and bottled(x)[1].shape == (2, 3)
     keys = set(lwf.Classifier(Backbone(), 3, nn.Linear(4, 10)).state_dict())
@@ -126,8 +139,9 @@ def test_co_tuning_classifier_trains_source_head():
 def _golden_encoder(case):
     backbone = nn.Sequential(nn.Linear(12, case["features_dim"]), nn.ReLU())
     backbone.out_features = case["features_dim"]
-    enc = bi_tuning.Classifier(backbone, case["num_classes"], projection_dim=case["projection_dim"],
-                               pool_layer=nn.Identity()).double()
+    enc = bi_tuning.Classifier(
+        backbone, case["num_classes"], projection_dim=case["projection_dim"], pool_layer=nn.Identity()
+    ).double()
     return enc
 
 
@@ -141,10 +155,16 @@ def test_bi_tuning_golden(golden):
     opt = torch.optim.SGD(enc_q.parameters(), lr=0.1)
     for step in case["steps"]:
         y_q, logits_z, logits_y, labels_c = model(step["im_q"], step["im_k"], step["labels"])
-        loss = F.cross_entropy(y_q, step["labels"]) + 0.1 * (F.kl_div(logits_z, labels_c, reduction="batchmean")
-                                                              + F.kl_div(logits_y, labels_c, reduction="batchmean"))
-        for ours, key in [(y_q, "y_q"), (logits_z, "logits_z"), (logits_y, "logits_y"), (labels_c, "labels_c"),
-                          (loss, "loss")]:
+        loss = F.cross_entropy(y_q, step["labels"]) + 0.1 * (
+            F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
+        )
+        for ours, key in [
+            (y_q, "y_q"),
+            (logits_z, "logits_z"),
+            (logits_y, "logits_y"),
+            (labels_c, "labels_c"),
+            (loss, "loss"),
+        ]:
             torch.testing.assert_close(ours.detach(), step[key], rtol=1e-6, atol=1e-8, msg=key)
         opt.zero_grad()
         loss.backward()
@@ -160,7 +180,9 @@ def test_bi_tuning_golden(golden):
 def test_bi_tuning_classifier_tllib_conventions():
     enc = bi_tuning.Classifier(Backbone(), 5, projection_dim=6)
     assert enc.features_dim == 4 and enc.projection_dim == 6
-    assert float(enc.head.bias.detach().abs().max()) == 0.0 and float(enc.head.weight.detach().std()) < 0.05  # N(0, 0.01²) init
+    assert (
+        float(enc.head.bias.detach().abs().max()) == 0.0 and float(enc.head.weight.detach().std()) < 0.05
+    )  # N(0, 0.01²) init
     y, z, hn = enc(torch.randn(2, 3, 8, 8))
     assert y.shape == (2, 5) and z.shape == (2, 6) and hn.shape == (2, 5)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2))

@@ -1,5 +1,6 @@
 """``finereg.compat.tllib`` mirrors ``tllib.regularization``'s modules and tllib's forward argument names, so that
 a tllib user changes only the package in an import line and keyword calls keep working."""
+
 import importlib
 import inspect
 
@@ -8,8 +9,13 @@ import torch
 
 # tllib module -> the names its users import from it
 TLLIB_MODULES = {
-    "delta": ["L2Regularization", "SPRegularization", "BehavioralRegularization",
-              "AttentionBehavioralRegularization", "IntermediateLayerGetter"],
+    "delta": [
+        "L2Regularization",
+        "SPRegularization",
+        "BehavioralRegularization",
+        "AttentionBehavioralRegularization",
+        "IntermediateLayerGetter",
+    ],
     "bss": ["BatchSpectralShrinkage"],
     "knowledge_distillation": ["KnowledgeDistillationLoss"],
     "lwf": ["Classifier", "collect_pretrain_labels"],

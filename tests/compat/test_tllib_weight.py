@@ -1,4 +1,5 @@
 """finereg.compat.tllib: L2Regularization, SPRegularization, BatchSpectralShrinkage behave like tllib's."""
+
 from __future__ import annotations
 
 import pytest

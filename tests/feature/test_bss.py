@@ -1,4 +1,5 @@
 """Batch Spectral Shrinkage (finereg.feature.bss): tllib's values and gradients, every method, precision, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -108,7 +109,9 @@ def test_errors():
     with pytest.raises(TypeError, match="as a tensor"):
         BSS()([[1.0, 2.0], [3.0, 4.0]])
     for k in (0, 1.5, True, "1"):
-        with pytest.raises(ValueError, match=r"k \(how many of the smallest singular values to shrink\) must be an int ≥ 1"):
+        with pytest.raises(
+            ValueError, match=r"k \(how many of the smallest singular values to shrink\) must be an int ≥ 1"
+        ):
             BSS(k)
     with pytest.raises(ValueError, match=r"unknown BSS method 'eig'; choose one of 'auto', 'gram'"):
         BSS(1, method="eig")

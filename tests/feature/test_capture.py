@@ -1,4 +1,5 @@
 """FeatureCapture: persistent hooks, selectors, wrappers, and real models (torchvision, timm, MiniLM)."""
+
 from collections import OrderedDict
 
 import pytest

@@ -1,4 +1,5 @@
 """DELTA penalties and channel attention: golden values, conventions, batched vs per-channel loop, Taylor, errors."""
+
 from collections import OrderedDict
 
 import pytest
@@ -6,9 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finereg.feature.delta import (AttentionBehavioralPenalty, BehavioralPenalty, attention_behavioral_penalty,
-                                   attention_from_importance, behavioral_penalty, channel_attention,
-                                   channel_importance, train_attention_classifier)
+from finereg.feature.delta import (
+    AttentionBehavioralPenalty,
+    BehavioralPenalty,
+    attention_behavioral_penalty,
+    attention_from_importance,
+    behavioral_penalty,
+    channel_attention,
+    channel_importance,
+    train_attention_classifier,
+)
 
 TOL = dict(rtol=1e-6, atol=1e-8)
 
@@ -65,7 +73,7 @@ def _reference_4d(s, t, a):
     """tllib's formula on (b, c, h, w)."""
     b, c, h, w = s.shape
     dist = torch.norm((t - s).reshape(b, c, h * w), 2, 2)
-    return 0.5 * torch.sum(c * a * dist ** 2 / (h * w))
+    return 0.5 * torch.sum(c * a * dist**2 / (h * w))
 
 
 def test_convention_2d_features():
@@ -86,8 +94,11 @@ def test_convention_token_features():
     torch.testing.assert_close(value, _reference_4d(as_map(s), as_map(t), a), **TOL)
     # channel_dim=1 reads (b, c, L) maps of 1-D convolutions instead
     a2 = torch.rand(n, dtype=torch.float64)
-    torch.testing.assert_close(attention_behavioral_penalty([s], [t], [a2], channel_dim=1),
-                               _reference_4d(s[..., None], t[..., None], a2), **TOL)
+    torch.testing.assert_close(
+        attention_behavioral_penalty([s], [t], [a2], channel_dim=1),
+        _reference_4d(s[..., None], t[..., None], a2),
+        **TOL,
+    )
     with pytest.raises(ValueError, match="channels along dim 2.*channel_dim"):
         attention_behavioral_penalty([s], [t], [a2])
 
@@ -97,8 +108,9 @@ def test_mixed_layers_and_5d():
     t = [x + 0.1 * torch.randn_like(x) for x in s]
     a = [torch.rand(4, dtype=torch.float64), torch.rand(6, dtype=torch.float64)]
     value = attention_behavioral_penalty(s, t, a)
-    ref = _reference_4d(s[0].flatten(3), t[0].flatten(3), a[0]) + _reference_4d(s[1][..., None, None],
-                                                                                 t[1][..., None, None], a[1])
+    ref = _reference_4d(s[0].flatten(3), t[0].flatten(3), a[0]) + _reference_4d(
+        s[1][..., None, None], t[1][..., None, None], a[1]
+    )
     torch.testing.assert_close(value, ref, **TOL)
 
 
@@ -248,8 +260,17 @@ class _TokenLinear(nn.Module):
         return self.head(torch.relu(self.proj(x)).mean(1))
 
 
-@pytest.mark.parametrize("cls,strategy", [(_MLP, "split"), (_Shared, "auto"), (_Shared, "hook"), (_Dynamic, "auto"),
-                                          (_BatchSizeAfter, "auto"), (_TokenLinear, "split")])
+@pytest.mark.parametrize(
+    "cls,strategy",
+    [
+        (_MLP, "split"),
+        (_Shared, "auto"),
+        (_Shared, "hook"),
+        (_Dynamic, "auto"),
+        (_BatchSizeAfter, "auto"),
+        (_TokenLinear, "split"),
+    ],
+)
 def test_linear_models_match_loop(cls, strategy):
     model = cls().double().eval()
     shape = (4, 3, 5) if cls is _TokenLinear else (4, 6)
@@ -261,8 +282,14 @@ def test_linear_models_match_loop(cls, strategy):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls,match", [(_Shared, "calls layer 'fc2' 2 times"), (_Dynamic, "could not trace"),
-                                       (_BatchSizeAfter, "not a tensor with the batch")])
+@pytest.mark.parametrize(
+    "cls,match",
+    [
+        (_Shared, "calls layer 'fc2' 2 times"),
+        (_Dynamic, "could not trace"),
+        (_BatchSizeAfter, "not a tensor with the batch"),
+    ],
+)
 def test_split_refuses_what_it_cannot_batch(cls, match):
     model = cls().double().eval()
     batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,)))]
@@ -291,8 +318,10 @@ def test_wrapped_models_are_evaluated_unwrapped():
             name = "module.fc1" if isinstance(wrapped, nn.DataParallel) else "fc1"
             got = channel_importance(wrapped, [name], batches, strategy=strategy)
             torch.testing.assert_close(got[name], ref, rtol=1e-9, atol=1e-12)  # keyed as given
-        torch.testing.assert_close(channel_importance(wrapped, ["fc1"], batches, method="taylor")["fc1"],
-                                   channel_importance(model, ["fc1"], batches, method="taylor")["fc1"])
+        torch.testing.assert_close(
+            channel_importance(wrapped, ["fc1"], batches, method="taylor")["fc1"],
+            channel_importance(model, ["fc1"], batches, method="taylor")["fc1"],
+        )
 
 
 def test_dict_inputs():
@@ -341,8 +370,9 @@ def test_attention_from_importance():
     w = torch.tensor([0.1, 0.4, -0.2, 0.3], dtype=torch.float64)
     z = (w - w.mean()) / w.std(correction=0)
     torch.testing.assert_close(attention_from_importance([w])[0], torch.softmax(z / 5, 0), **TOL)
-    torch.testing.assert_close(attention_from_importance({"a": w}, temperature=2.0)["a"], torch.softmax(z / 2, 0),
-                               **TOL)
+    torch.testing.assert_close(
+        attention_from_importance({"a": w}, temperature=2.0)["a"], torch.softmax(z / 2, 0), **TOL
+    )
     # all channels alike: tllib divides 0 by 0 (NaN); finereg gives uniform weights
     torch.testing.assert_close(attention_from_importance([torch.zeros(4)])[0], torch.full((4,), 0.25).double())
     with pytest.raises(ValueError, match="temperature"):
@@ -403,7 +433,7 @@ def test_train_attention_classifier_freezes_backbone():
     net.backbone[0].weight.requires_grad_(True)
     x = torch.randn(48, 6)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)]
+    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
     backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
     head_before = net.head.weight.clone()
     losses = train_attention_classifier(net, "head", data, epochs=8, lr=0.1)
@@ -438,8 +468,15 @@ def test_delta_pipeline_with_capture():
     from finereg.feature.capture import FeatureCapture
 
     torch.manual_seed(1)
-    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                           nn.Flatten(), nn.Linear(6, 2))
+    source = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 2),
+    )
     data = [(torch.randn(8, 3, 9, 9), torch.randint(0, 2, (8,))) for _ in range(2)]
     clf = copy.deepcopy(source)
     train_attention_classifier(clf, "6", data, epochs=2)

@@ -1,4 +1,5 @@
 """Helpers shared by the head-method tests."""
+
 from torch import nn
 
 

@@ -1,6 +1,7 @@
 """Bi-Tuning: the golden three-step trajectory (native API), equality with the per-sample loop reference at any
 batch size (wrap-around, a class with more than K samples in a batch), what is detached, tllib-shaped state
 dicts, bad input, and the DDP all_gather of keys (2 CPU processes, gloo)."""
+
 import copy
 import importlib.util
 from pathlib import Path
@@ -18,8 +19,12 @@ _spec.loader.exec_module(bench)
 
 
 def golden_encoder(case):
-    enc = BiTuningClassifier(nn.Sequential(nn.Linear(12, case["features_dim"]), nn.ReLU()), case["num_classes"],
-                             case["projection_dim"], features_dim=case["features_dim"]).double()
+    enc = BiTuningClassifier(
+        nn.Sequential(nn.Linear(12, case["features_dim"]), nn.ReLU()),
+        case["num_classes"],
+        case["projection_dim"],
+        features_dim=case["features_dim"],
+    ).double()
     enc.load_state_dict(case["init"]["encoder_q"])
     return enc
 
@@ -32,8 +37,13 @@ def run_golden(model, case, encoder_q):
     for step in case["steps"]:
         y_q, logits_z, logits_y, labels_c = model(step["im_q"], step["im_k"], step["labels"])
         loss = bi_tuning_loss(y_q, logits_z, logits_y, labels_c, step["labels"], trade_off=0.1)
-        for ours, key in [(y_q, "y_q"), (logits_z, "logits_z"), (logits_y, "logits_y"), (labels_c, "labels_c"),
-                          (loss, "loss")]:
+        for ours, key in [
+            (y_q, "y_q"),
+            (logits_z, "logits_z"),
+            (logits_y, "logits_y"),
+            (labels_c, "labels_c"),
+            (loss, "loss"),
+        ]:
             torch.testing.assert_close(ours.detach(), step[key], **close, msg=key)
         opt.zero_grad()
         loss.backward()
@@ -67,12 +77,15 @@ def small_model(C=3, K=2, F_=5, P=4, m=0.9, seed=0):
     return BiTuning(enc, num_classes=C, K=K, m=m, T=0.1).double().train()
 
 
-@pytest.mark.parametrize("labels", [
-    [1, 1, 1, 1, 1, 0, 2],  # 5 samples of class 1 with K = 2: wrap-around, only the last 2 survive
-    [2],                    # batch of one
-    [0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2],  # more samples than C·K
-    [2, 0],                 # K % b == 0 as tllib requires
-])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [1, 1, 1, 1, 1, 0, 2],  # 5 samples of class 1 with K = 2: wrap-around, only the last 2 survive
+        [2],  # batch of one
+        [0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2],  # more samples than C·K
+        [2, 0],  # K % b == 0 as tllib requires
+    ],
+)
 def test_matches_per_sample_loop_reference(labels):
     labels = torch.tensor(labels)
     fast = small_model()
@@ -133,8 +146,11 @@ def test_loads_tllib_shaped_state_dict():
     donor = small_model(C, K, F_, P, seed=1)
     state = {f"encoder_q.{k}": v for k, v in donor.encoder_q.state_dict().items()}
     state.update({f"encoder_k.{k}": v for k, v in donor.encoder_k.state_dict().items()})
-    state.update(queue_h=torch.randn(F_ + 1, C, K, dtype=torch.float64),
-                 queue_z=torch.randn(P, C, K, dtype=torch.float64), queue_ptr=torch.tensor([1, 0, 1]))
+    state.update(
+        queue_h=torch.randn(F_ + 1, C, K, dtype=torch.float64),
+        queue_z=torch.randn(P, C, K, dtype=torch.float64),
+        queue_ptr=torch.tensor([1, 0, 1]),
+    )
     assert set(state) == set(model.state_dict())
     model.load_state_dict(state)  # strict
     assert model.queue_h.shape == (F_ + 1, C, K) and model.queue_z.shape == (P, C, K)
@@ -218,7 +234,7 @@ def _ddp_worker(rank, world, tmp):
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
         for x, y in _ddp_batches():
-            xs, ys = x[rank * 3:(rank + 1) * 3], y[rank * 3:(rank + 1) * 3]
+            xs, ys = x[rank * 3 : (rank + 1) * 3], y[rank * 3 : (rank + 1) * 3]
             loss = bi_tuning_loss(*ddp(xs, xs + 0.05, ys), ys, trade_off=0.5)
             opt.zero_grad()
             loss.backward()
@@ -228,8 +244,15 @@ def _ddp_worker(rank, world, tmp):
             y = torch.tensor([0, 2, 2, 1, 2])
             part = slice(0, 4) if rank == 0 else slice(4, 5)
             model(x[part], x[part], y[part])
-        torch.save({"queue_h": model.queue_h, "queue_z": model.queue_z, "queue_ptr": model.queue_ptr,
-                    "encoder_q": model.encoder_q.state_dict()}, f"{tmp}/rank{rank}.pt")
+        torch.save(
+            {
+                "queue_h": model.queue_h,
+                "queue_z": model.queue_z,
+                "queue_ptr": model.queue_ptr,
+                "encoder_q": model.encoder_q.state_dict(),
+            },
+            f"{tmp}/rank{rank}.pt",
+        )
 
 
 @pytest.mark.distributed

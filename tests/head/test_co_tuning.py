@@ -1,5 +1,6 @@
 """Co-Tuning: the loss and the direct relationship (golden), the calibrated reverse relationship (planted
 relationship recovered), the disk cache, the regularizer module, bad input."""
+
 import os
 
 import pytest
@@ -8,8 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from finereg.head.co_tuning import (CategoryRelationship, CoTuning, CoTuningLoss, collect_source_outputs,
-                                    co_tuning_loss, direct_relationship, reverse_relationship)
+from finereg.head.co_tuning import (
+    CategoryRelationship,
+    CoTuning,
+    CoTuningLoss,
+    co_tuning_loss,
+    collect_source_outputs,
+    direct_relationship,
+    reverse_relationship,
+)
 from tests.head._util import Counting
 
 
@@ -26,8 +34,10 @@ def test_direct_golden(golden):
     case = golden["relationship_direct"]
     rel = direct_relationship(case["source_probabilities"], case["target_labels"])
     torch.testing.assert_close(rel, case["relationship"], rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(CategoryRelationship.direct(case["source_probabilities"],
-                                                           case["target_labels"]).relationship, case["relationship"])
+    torch.testing.assert_close(
+        CategoryRelationship.direct(case["source_probabilities"], case["target_labels"]).relationship,
+        case["relationship"],
+    )
 
 
 def test_direct_matches_per_class_mean():
@@ -42,7 +52,9 @@ def _planted(n, seed=0):
     """y_s ~ p(y_s); y_t ~ p(y_t | y_s) = R[y_s]; a confident, noisy source model. Truth p(y_s | y_t)."""
     g = torch.Generator().manual_seed(seed)
     p_s = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1], dtype=torch.float64)
-    R = torch.tensor([[.8, .1, .1], [.1, .8, .1], [.1, .1, .8], [.7, .2, .1], [.2, .2, .6]], dtype=torch.float64)
+    R = torch.tensor(
+        [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64
+    )
     y_s = torch.multinomial(p_s, n, replacement=True, generator=g)
     y_t = torch.multinomial(R[y_s], 1, generator=g).squeeze(1)
     logits = 7.0 * F.one_hot(y_s, 5).double() + 0.5 * torch.randn(n, 5, generator=g, dtype=torch.float64)
@@ -67,7 +79,7 @@ def test_reverse_recovers_planted_relationship():
 def test_reverse_temperature_minimizes_holdout_nll():
     """A weakly regularized fit on few samples is overconfident: the learned temperature (> 1) is the argmin
     of the held-out NLL over a fine grid of temperatures."""
-    from finereg.head.co_tuning import _stratified_split, _fit_logreg
+    from finereg.head.co_tuning import _fit_logreg, _stratified_split
 
     logits, y_t, _ = _planted(300, seed=3)
     p = torch.softmax(logits, 1)

@@ -1,4 +1,5 @@
 """The code examples of docs/head_methods.md run."""
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Knowledge distillation: tllib's value (golden), the T²-scaled option, reductions, bad input."""
+
 import pytest
 import torch
 import torch.nn.functional as F

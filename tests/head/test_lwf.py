@@ -1,4 +1,5 @@
 """LwF: the two-head classifier (any backbone, torchvision, timm), parameter groups, recorded source targets."""
+
 import os
 
 import pytest

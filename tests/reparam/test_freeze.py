@@ -1,5 +1,6 @@
 """Exact partial freezing: frozen entries bit-identical under every optimizer; trainable entries get exactly
 the update of an independently built reference; state_dict, unfreeze, composition, errors."""
+
 import copy
 import io
 
@@ -36,8 +37,11 @@ def optimizer_cases():
         ("adam_wd", torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1)),
         ("adam_amsgrad", torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=0.01)),
         ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.5)),
-        ("rmsprop_momentum_centered_wd", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.9, centered=True,
-                                                                   weight_decay=0.1)),
+        (
+            "rmsprop_momentum_centered_wd",
+            torch.optim.RMSprop,
+            dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1),
+        ),
         ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, alpha=0.9)),
     ]
     out = []
@@ -78,7 +82,7 @@ def test_frozen_entries_never_move_and_trainable_entries_match_a_reference(opt_c
     opt_a = opt_cls(a.parameters(), **kwargs)
     opt_b = opt_cls([p_train["0"], ref[0].bias, p_train["3"], ref[3].bias], **kwargs)
     for x, y in batches():
-        for model_out, opt in ((lambda: a(x), opt_a), (lambda: ref_forward(x), opt_b)):
+        for model_out, opt in ((lambda x=x: a(x), opt_a), (lambda x=x: ref_forward(x), opt_b)):
             opt.zero_grad()
             F.cross_entropy(model_out(), y).backward()
             opt.step()
@@ -271,8 +275,9 @@ def test_compose_freeze_before_another_parametrization_whole_units():
     start = a[0].weight.detach().clone()
     train(a, steps=5)
     assert torch.equal(a[0].weight[[0, 5]], start[[0, 5]])  # whole frozen units: effective weight fixed
-    assert torch.equal(a[0].parametrizations.weight[0](a[0].parametrizations.weight.original)[[0, 5]],
-                       start_raw[[0, 5]])
+    assert torch.equal(
+        a[0].parametrizations.weight[0](a[0].parametrizations.weight.original)[[0, 5]], start_raw[[0, 5]]
+    )
     effective = a[0].weight.detach().clone()
     unfreeze(a[0], "weight")  # freeze innermost: frozen values written into the parameter, exact
     assert [type(p) for p in a[0].parametrizations.weight] == [Standardize]

@@ -1,5 +1,6 @@
 """BatchNorm → GroupNorm: channel counts, affine parameters, eps, dtype and mode kept; outputs equal a
 GroupNorm built by hand; clear errors (non-divisible channels suggest divisors, nothing half-converted)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +14,14 @@ D = torch.float64
 def net():
     torch.manual_seed(1)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8, eps=1e-3),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 12), nn.BatchNorm1d(12, affine=False), nn.Linear(12, 2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 12),
+        nn.BatchNorm1d(12, affine=False),
+        nn.Linear(12, 2),
     ).double()
     with torch.no_grad():
         for m in model.modules():
@@ -44,7 +50,9 @@ def test_converts_every_batchnorm_keeping_parameters():
     ref = F.group_norm(h, 4, bn1.weight, bn1.bias, 1e-3)  # the definition, per sample and group
     torch.testing.assert_close(model[1](h), ref)
     grouped = h.reshape(5, 4, -1)
-    manual = (grouped - grouped.mean(-1, keepdim=True)) / torch.sqrt(grouped.var(-1, unbiased=False, keepdim=True) + 1e-3)
+    manual = (grouped - grouped.mean(-1, keepdim=True)) / torch.sqrt(
+        grouped.var(-1, unbiased=False, keepdim=True) + 1e-3
+    )
     torch.testing.assert_close(model[1](h), manual.reshape_as(h) * bn1.weight[:, None, None] + bn1.bias[:, None, None])
     model(x).sum().backward()  # trains
     assert model[3][1].weight.grad is not None
@@ -79,8 +87,11 @@ def test_torchvision_resnet_with_group_norm_runs():
 
 def test_errors_and_nothing_half_converted():
     model = net()
-    with pytest.raises(ValueError, match=r"^1 \(BatchNorm2d\) has 8 channels, not divisible by num_groups=3; "
-                                         r"group counts that divide 8 near 3: \[1, 2, 4, 8\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^1 \(BatchNorm2d\) has 8 channels, not divisible by num_groups=3; "
+        r"group counts that divide 8 near 3: \[1, 2, 4, 8\]",
+    ):
         batchnorm_to_groupnorm(model, num_groups=3)
     with pytest.raises(ValueError, match=r"^6 \(BatchNorm1d\) has 12 channels, not divisible by num_groups=8"):
         batchnorm_to_groupnorm(model, num_groups=8)

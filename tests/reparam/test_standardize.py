@@ -1,6 +1,7 @@
 """Weight standardization: each variant equals its reference (the seed's module, timm's StdConv2d /
 ScaledStdConv2d, an explicit per-output-unit loop) in outputs and gradients, for every layer layout; the eval
 cache is reused and invalidated correctly; bake/export, freezing, torch.compile, bf16 autocast; errors."""
+
 import copy
 import math
 
@@ -192,7 +193,9 @@ def test_fused_equals_plain_ops_including_higher_order_gradients(variant, name, 
     for m in (fused, plain):
         if m.parametrizations.weight[0].gain is not None:
             with torch.no_grad():
-                m.parametrizations.weight[0].gain.copy_(torch.linspace(0.5, 2, m.parametrizations.weight[0].gain.numel()))
+                m.parametrizations.weight[0].gain.copy_(
+                    torch.linspace(0.5, 2, m.parametrizations.weight[0].gain.numel())
+                )
     x = torch.randn(*shape, dtype=D)
     extra = lambda m: [raw(m)] + [p for p in m.parametrizations.weight.parameters() if p is not raw(m)]  # noqa: E731
     y0, gx0, g0 = grads(plain, x, extra(plain))
@@ -447,10 +450,15 @@ def test_cache_not_copied():
 # whole models, report, errors
 def small_net():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)),
-        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Conv2d(4, 4, 1, groups=4),  # depthwise 1x1: fan-in 1
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.ConvTranspose2d(8, 4, 2, stride=2),
+        nn.Conv2d(4, 4, 1, groups=4),  # depthwise 1x1: fan-in 1
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     ).double()
 
 
@@ -681,8 +689,17 @@ class DtypeLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name in ("mean", "sum", "linalg_vector_norm", "std_mean", "var_mean", "native_batch_norm",
-                    "_native_batch_norm_legit", "_batch_norm_with_update", "native_batch_norm_backward"):
+        if name in (
+            "mean",
+            "sum",
+            "linalg_vector_norm",
+            "std_mean",
+            "var_mean",
+            "native_batch_norm",
+            "_native_batch_norm_legit",
+            "_batch_norm_with_update",
+            "native_batch_norm_backward",
+        ):
             self.seen.append((name, args[0].dtype))  # every reduction of the standardization and its backward
         return func(*args, **(kwargs or {}))
 
@@ -693,8 +710,12 @@ def test_bf16_autocast_statistics_in_float32(variant):
     standardize(conv, variant)
     x = torch.randn(2, 8, 6, 6)
     ws = conv.parametrizations.weight[0]
-    ref = explicit_ws(raw(conv).detach().double(), unit_slices(conv), variant,
-                      gain=None if ws.gain is None else ws.gain.detach().double())
+    ref = explicit_ws(
+        raw(conv).detach().double(),
+        unit_slices(conv),
+        variant,
+        gain=None if ws.gain is None else ws.gain.detach().double(),
+    )
     log = DtypeLog()
     with torch.autocast("cpu", dtype=torch.bfloat16), log:
         w_hat = conv.weight
@@ -710,9 +731,13 @@ def test_bf16_autocast_statistics_in_float32(variant):
         w_hat = conv.weight
         conv(x.bfloat16()).float().sum().backward()
     assert all(dt == torch.float32 for _, dt in log.seen) and "native_batch_norm_backward" in dict(log.seen)
-    ref = explicit_ws(raw(conv).detach().double(), unit_slices(conv), variant,
-                      gain=None if ws.gain is None else ws.gain.detach().double())
+    ref = explicit_ws(
+        raw(conv).detach().double(),
+        unit_slices(conv),
+        variant,
+        gain=None if ws.gain is None else ws.gain.detach().double(),
+    )
     # rounded once from float32: within half a bf16 ulp (≤ 2⁻⁸ relative) of the exact value
     assert w_hat.dtype == torch.bfloat16
-    assert ((w_hat.double() - ref).abs() <= ref.abs() * 2.0 ** -8 * 1.001 + 1e-30).all()
+    assert ((w_hat.double() - ref).abs() <= ref.abs() * 2.0**-8 * 1.001 + 1e-30).all()
     assert raw(conv).grad.dtype == torch.bfloat16 and torch.isfinite(raw(conv).grad.float()).all()

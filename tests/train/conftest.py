@@ -1,4 +1,5 @@
 """Fixtures of the engine tests: a session cache with the built-in source model, one thread, tiny configs."""
+
 import os
 
 import pytest
@@ -31,8 +32,15 @@ def tiny():
     from finereg.train.loop import FitConfig
 
     def make(tmp_path, **kw):
-        base = dict(out=str(tmp_path / "run"), epochs=2, iters_per_epoch=3, batch_size=16, progress=False,
-                    tensorboard=False, sample_rate=30)
+        base = dict(
+            out=str(tmp_path / "run"),
+            epochs=2,
+            iters_per_epoch=3,
+            batch_size=16,
+            progress=False,
+            tensorboard=False,
+            sample_rate=30,
+        )
         base.update(kw)
         return FitConfig(**base)
 

@@ -1,9 +1,17 @@
 """Checkpoints: atomic writes, the previous one kept, clear errors for corrupt files."""
+
 import pytest
 import torch
 
-from finereg.train.checkpoint import (LAST, PREV, CheckpointError, atomic_save, find_checkpoint, load_checkpoint,
-                                      save_checkpoint)
+from finereg.train.checkpoint import (
+    LAST,
+    PREV,
+    CheckpointError,
+    atomic_save,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def test_save_rotates_last_to_prev(tmp_path):

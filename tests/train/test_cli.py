@@ -1,4 +1,5 @@
 """The finereg command: fit, methods, demo, bad input -> clear errors and exit codes."""
+
 from finereg.train.checkpoint import load_checkpoint
 from finereg.train.cli import main
 

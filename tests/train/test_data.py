@@ -1,11 +1,22 @@
 """Data of the engine: sampling, epoch plans, augmentation, the built-in task, ImageFolder roots."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from finereg.train.data import (DIGITS_TEST_FRACTION, TensorImages, class_ranks, derive_seed, digits_arrays,
-                                digits_source, digits_target, epoch_plan, load_data, stratified_subset)
+from finereg.train.data import (
+    DIGITS_TEST_FRACTION,
+    TensorImages,
+    class_ranks,
+    derive_seed,
+    digits_arrays,
+    digits_source,
+    digits_target,
+    epoch_plan,
+    load_data,
+    stratified_subset,
+)
 
 
 def test_stratified_subset_counts_nested_and_seeded():
@@ -58,7 +69,7 @@ def test_translation_augmentation_matches_per_sample_crops():
         for i in range(6):  # reference: an explicit crop per sample
             code = (int(seeds[0, i]) >> (16 * v)) & 0xFFFF
             dy, dx = code % 3, code // 3 % 3
-            assert torch.equal(x[i], padded[i, :, dy:dy + 5, dx:dx + 7])
+            assert torch.equal(x[i], padded[i, :, dy : dy + 5, dx : dx + 7])
     ev = next(ds.eval_batches(4, torch.device("cpu")))
     assert torch.equal(ev.x, images[:4]) and ev.index.tolist() == [0, 1, 2, 3]
 
@@ -70,8 +81,11 @@ def test_digits_task_splits():
     assert pool.classes == test.classes == ["5", "6", "7", "8", "9"]
     assert len(pool) + len(test) == int((labels >= 5).sum())
     n_test = torch.bincount(test.labels)
-    assert torch.allclose(n_test.double() / (n_test + torch.bincount(pool.labels)).double(),
-                          torch.full((5,), DIGITS_TEST_FRACTION, dtype=torch.float64), atol=0.01)
+    assert torch.allclose(
+        n_test.double() / (n_test + torch.bincount(pool.labels)).double(),
+        torch.full((5,), DIGITS_TEST_FRACTION, dtype=torch.float64),
+        atol=0.01,
+    )
     # the held-out test images are disjoint from the training pool (no image of one is in the other's index set)
     flat = lambda ds: {tuple(x.flatten().tolist()) for x in ds.images}
     assert not (flat(pool) & flat(test)) - _duplicated_images(images)
@@ -146,15 +160,18 @@ def test_image_folder_augmentation_does_not_depend_on_workers(tmp_path):
     assert torch.equal(xs[0], xs[1])
 
 
-@pytest.mark.parametrize("case,match", [
-    ("missing", "neither a built-in dataset"),
-    ("no_val", "has no val/ folder"),
-    ("empty", "no class folders"),
-    ("mismatch", "different classes: only in train/: \\['bird'\\]"),
-    ("no_images", "holds no readable images"),
-    ("empty_class", "hold no readable images; every class"),
-    ("file", "is a file"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("missing", "neither a built-in dataset"),
+        ("no_val", "has no val/ folder"),
+        ("empty", "no class folders"),
+        ("mismatch", "different classes: only in train/: \\['bird'\\]"),
+        ("no_images", "holds no readable images"),
+        ("empty_class", "hold no readable images; every class"),
+        ("file", "is a file"),
+    ],
+)
 def test_image_folder_bad_input(tmp_path, case, match):
     root = tmp_path / "data"
     if case == "no_val":

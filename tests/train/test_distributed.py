@@ -55,7 +55,8 @@ def test_two_processes_equal_one_process(tmp_path, method):
         _assert_close(single_ck["model"], ck["model"], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "ddp" / "rank1").exists()
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
-        p.name for p in (tmp_path / "single").iterdir())
+        p.name for p in (tmp_path / "single").iterdir()
+    )
 
 
 def test_torchrun_command_line(tmp_path):
@@ -66,19 +67,53 @@ def test_torchrun_command_line(tmp_path):
     import subprocess
     import sys
 
-    args = ["fit", "--method", "l2sp+bss", "--epochs", "2", "--iters-per-epoch", "3", "--batch-size", "16",
-            "--sample-rate", "30", "--no-progress", "--no-tensorboard"]
+    args = [
+        "fit",
+        "--method",
+        "l2sp+bss",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "3",
+        "--batch-size",
+        "16",
+        "--sample-rate",
+        "30",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port}", "-m", "finereg", *args, "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "finereg",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "done: top-1" in ddp.stdout and ddp.stdout.count("done: top-1") == 1  # rank 0 alone reports
-    one = subprocess.run([sys.executable, "-m", "finereg", *args, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "finereg", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    _assert_close(load_checkpoint(tmp_path / "one")["net"], load_checkpoint(tmp_path / "ddp")["net"],
-                  rtol=1e-5, atol=1e-6)
+    _assert_close(
+        load_checkpoint(tmp_path / "one")["net"], load_checkpoint(tmp_path / "ddp")["net"], rtol=1e-5, atol=1e-6
+    )

@@ -1,4 +1,5 @@
 """The training loop: metrics, checkpoints, exact resume, Ctrl-C, protection of earlier runs, bad input."""
+
 import csv
 import json
 import os
@@ -41,6 +42,7 @@ def test_fit_records_metrics_and_checkpoints(tmp_path, tiny):
     assert load_checkpoint(run)["epoch"] == 2 and load_checkpoint(run / PREV)["epoch"] == 1
     # the logged accuracy is the network's accuracy on the held-out split
     from finereg.train.data import load_data
+
     val = load_data("digits").val
     again = evaluate(res.net, val, 64, torch.device("cpu"), 5)
     assert again["val_top1"] == pytest.approx(res.final["val_top1"])
@@ -70,8 +72,10 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(tmp_path, tiny):
     assert _same_weights(full.net, resumed.net)
     assert _rows(full.history) == _rows(resumed.history)
     a, b = load_checkpoint(full.run_dir), load_checkpoint(resumed.run_dir)
-    assert all(torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
-               for k in a["optimizer"]["state"])
+    assert all(
+        torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
+        for k in a["optimizer"]["state"]
+    )
 
 
 def test_resume_after_an_epoch_and_with_more_epochs(tmp_path, tiny):
@@ -113,15 +117,22 @@ def test_resume_refuses_other_training_settings(tmp_path, tiny):
         fit(FitConfig(resume=cfg.out, lr=0.2, progress=False), **QUIET)
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(sample_rate=0), ValueError, "sample_rate is a percentage"),
-    (dict(batch_size=400), ValueError, "fewer than one batch"),
-    (dict(method="l2sq"), KeyError, "no method named 'l2sq'"),
-    (dict(method="erm", set={"bss.k": 2}), ValueError, "--set names method 'bss', which is not in 'erm'"),
-    (dict(arch="resnet18", weights="none"), ValueError, "'resnet18' cannot read the images of 'digits' \\(shape \\(1, 8, 8\\)"),
-    (dict(epochs=0), ValueError, "epochs must be >= 1"),
-    (dict(data="nowhere/at/all"), FileNotFoundError, "neither a built-in dataset"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(sample_rate=0), ValueError, "sample_rate is a percentage"),
+        (dict(batch_size=400), ValueError, "fewer than one batch"),
+        (dict(method="l2sq"), KeyError, "no method named 'l2sq'"),
+        (dict(method="erm", set={"bss.k": 2}), ValueError, "--set names method 'bss', which is not in 'erm'"),
+        (
+            dict(arch="resnet18", weights="none"),
+            ValueError,
+            "'resnet18' cannot read the images of 'digits' \\(shape \\(1, 8, 8\\)",
+        ),
+        (dict(epochs=0), ValueError, "epochs must be >= 1"),
+        (dict(data="nowhere/at/all"), FileNotFoundError, "neither a built-in dataset"),
+    ],
+)
 def test_bad_fit_input(tmp_path, tiny, kw, exc, match):
     with pytest.raises(exc, match=match):
         fit(tiny(tmp_path, **kw), **QUIET)
@@ -134,8 +145,24 @@ def test_bf16_autocast_runs(tmp_path, tiny):
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "finereg", "fit", "--out", str(out), "--epochs", "100000", "-i", "2", "-b", "16",
-           "--no-progress", "--no-tensorboard", "--sample-rate", "30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finereg",
+        "fit",
+        "--out",
+        str(out),
+        "--epochs",
+        "100000",
+        "-i",
+        "2",
+        "-b",
+        "16",
+        "--no-progress",
+        "--no-tensorboard",
+        "--sample-rate",
+        "30",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -177,14 +204,29 @@ def test_fit_on_an_image_folder_with_torchvision_weights_from_a_file(tmp_path):
         for name in ("a", "b", "c"):
             (root / split / name).mkdir(parents=True)
             for i in range(4):
-                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    root / split / name / f"{i}.png"
+                )
     (root / "train" / "a" / "bad.png").write_bytes(b"\x89PNG broken")
     weights = tmp_path / "r18.pt"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
     logs = []
-    res = fit(FitConfig(data=str(root), arch="resnet18", weights=str(weights), out=str(tmp_path / "run"),
-                        epochs=1, iters_per_epoch=2, batch_size=4, image_size=32, workers=0, progress=False,
-                        tensorboard=False), log=logs.append)
+    res = fit(
+        FitConfig(
+            data=str(root),
+            arch="resnet18",
+            weights=str(weights),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            iters_per_epoch=2,
+            batch_size=4,
+            image_size=32,
+            workers=0,
+            progress=False,
+            tensorboard=False,
+        ),
+        log=logs.append,
+    )
     assert res.epochs_done == 1 and 0 <= res.final["val_top1"] <= 100
     assert res.net.head.out_features == 3 and res.net.source_head.out_features == 10
     assert any("skipped 1 unreadable image(s)" in m and "bad.png" in m for m in logs)

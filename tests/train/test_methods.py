@@ -1,5 +1,6 @@
 """Method recipes: the registry, overrides, combinations, one tiny run of every method, and that each recipe's
 loss term is the library regularizer's value (the engine holds no regularizer math of its own)."""
+
 import pytest
 import torch
 
@@ -10,8 +11,7 @@ QUIET = dict(log=lambda m: None)
 
 
 def test_registry_and_parsing():
-    assert method_names() == ["erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning",
-                              "bi-tuning"]
+    assert method_names() == ["erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning", "bi-tuning"]
     assert parse_method("L2SP+bss") == ["l2sp", "bss"]
     assert parse_method("delta:attention") == ["delta-attention"]
     assert parse_method("erm+co_tuning") == ["co-tuning"]
@@ -20,7 +20,10 @@ def test_registry_and_parsing():
     with pytest.raises(ValueError, match="appears twice"):
         parse_method("bss+bss")
     assert parse_overrides(["bss.trade_off=0.01", "lwf.T=2", "delta.layers=backbone.conv3"]) == {
-        "bss": {"trade_off": 0.01}, "lwf": {"T": 2}, "delta": {"layers": "backbone.conv3"}}
+        "bss": {"trade_off": 0.01},
+        "lwf": {"T": 2},
+        "delta": {"layers": "backbone.conv3"},
+    }
 
 
 def test_defaults_are_tllibs_and_overrides_apply():
@@ -37,28 +40,52 @@ def test_defaults_are_tllibs_and_overrides_apply():
     assert "head-l2" not in {x.name for x in build_recipes("bss")}
 
 
-@pytest.mark.parametrize("spec,kw,exc,match", [
-    ("bss", {"bss": {"kk": 1}}, KeyError, "hyper-parameter of 'bss' named 'kk'"),
-    ("bss", {"bss": {"k": "two"}}, ValueError, "bss.k must be a int"),
-    ("bi-tuning+bss", {}, ValueError, "bi-tuning replaces the network's forward.*cannot be combined with bss"),
-    ("bi-tuning+lwf", {}, ValueError, "cannot be combined with lwf"),
-    ("co-tuning", {"co-tuning": {"relationship": "sideways"}}, ValueError, "'direct' or 'reverse'"),
-    ("l2sp", {"bss": {"k": 1}}, ValueError, "--set names method 'bss', which is not in 'l2sp'"),
-])
+@pytest.mark.parametrize(
+    "spec,kw,exc,match",
+    [
+        ("bss", {"bss": {"kk": 1}}, KeyError, "hyper-parameter of 'bss' named 'kk'"),
+        ("bss", {"bss": {"k": "two"}}, ValueError, "bss.k must be a int"),
+        ("bi-tuning+bss", {}, ValueError, "bi-tuning replaces the network's forward.*cannot be combined with bss"),
+        ("bi-tuning+lwf", {}, ValueError, "cannot be combined with lwf"),
+        ("co-tuning", {"co-tuning": {"relationship": "sideways"}}, ValueError, "'direct' or 'reverse'"),
+        ("l2sp", {"bss": {"k": 1}}, ValueError, "--set names method 'bss', which is not in 'l2sp'"),
+    ],
+)
 def test_bad_method_settings(spec, kw, exc, match):
     with pytest.raises(exc, match=match):
         build_recipes(spec, kw)
 
 
-@pytest.mark.parametrize("method", ["l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning",
-                                    "bi-tuning", "l2sp+delta+bss", "lwf+co-tuning"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "l2",
+        "l2sp",
+        "delta",
+        "delta-attention",
+        "bss",
+        "lwf",
+        "co-tuning",
+        "bi-tuning",
+        "l2sp+delta+bss",
+        "lwf+co-tuning",
+    ],
+)
 def test_each_method_runs_a_tiny_epoch(tmp_path, tiny, method):
     res = fit(tiny(tmp_path, method=method, epochs=1), **QUIET)
     row = res.final
-    expected = {"l2": ["l2", "l2_head"], "l2sp": ["l2sp", "l2_head"], "delta": ["delta", "l2_head"],
-                "delta-attention": ["delta", "l2_head"], "bss": ["bss"], "lwf": ["kd"], "co-tuning": ["co_tuning"],
-                "bi-tuning": ["contrastive"], "l2sp+delta+bss": ["l2sp", "delta", "bss", "l2_head"],
-                "lwf+co-tuning": ["kd", "co_tuning"]}[method]
+    expected = {
+        "l2": ["l2", "l2_head"],
+        "l2sp": ["l2sp", "l2_head"],
+        "delta": ["delta", "l2_head"],
+        "delta-attention": ["delta", "l2_head"],
+        "bss": ["bss"],
+        "lwf": ["kd"],
+        "co-tuning": ["co_tuning"],
+        "bi-tuning": ["contrastive"],
+        "l2sp+delta+bss": ["l2sp", "delta", "bss", "l2_head"],
+        "lwf+co-tuning": ["kd", "co_tuning"],
+    }[method]
     for term in ["ce", *expected]:
         assert f"train_{term}" in row and torch.isfinite(torch.tensor(row[f"train_{term}"]))
     assert row["train_loss"] == pytest.approx(sum(row[f"train_{t}"] for t in ["ce", *expected]), rel=1e-5)
@@ -91,8 +118,10 @@ def test_terms_equal_the_library_regularizers(tmp_path, tiny):
     batch = next(data.train.train_batches(order, seeds, 1, torch.device("cpu")))
     net = build_model("builtin", 5, in_channels=1).net.eval()
     feats = {}
-    hooks = [getattr(net.backbone, n).register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, o))
-             for n in ("conv2", "conv3")]
+    hooks = [
+        getattr(net.backbone, n).register_forward_hook(lambda m, i, o, n=n: feats.__setitem__(n, o))
+        for n in ("conv2", "conv3")
+    ]
     with torch.no_grad():
         f = net.backbone(batch.x)
     for h in hooks:
@@ -105,6 +134,7 @@ def test_terms_equal_the_library_regularizers(tmp_path, tiny):
     # the source head's outputs on the augmented batch
     clean = next(data.train.eval_batches(len(data.train), torch.device("cpu"))).x[batch.index]
     from finereg.head.kd import kd_loss
+
     with torch.no_grad():
         expected = 4.0 * float(kd_loss(src, net.source_head(net.backbone(clean)), T=3.0))
     assert terms["kd"] == pytest.approx(expected, rel=1e-4)

@@ -1,4 +1,5 @@
 """Models of the engine: the built-in network, torchvision / timm architectures, weights, head swap."""
+
 import pytest
 import torch
 from torch import nn
@@ -62,13 +63,16 @@ def test_weights_from_a_file_keep_the_old_head_as_source(tmp_path):
         build_model("builtin", 3, weights=str(tmp_path / "bad.pt"), in_channels=1)
 
 
-@pytest.mark.parametrize("arch,weights,match", [
-    ("resnet51", None, "no architecture named 'resnet51'; did you mean one of: .*'resnet50'"),
-    ("resnet18", "builtin", "does not fit arch 'resnet18'"),
-    ("builtin", "/no/such/file.pt", "does not exist"),
-    ("resnet18", "pretrained", "could not fetch pretrained weights .*--weights PATH"),
-    ("resnet10t", "pretrained", "could not fetch pretrained weights"),
-])
+@pytest.mark.parametrize(
+    "arch,weights,match",
+    [
+        ("resnet51", None, "no architecture named 'resnet51'; did you mean one of: .*'resnet50'"),
+        ("resnet18", "builtin", "does not fit arch 'resnet18'"),
+        ("builtin", "/no/such/file.pt", "does not exist"),
+        ("resnet18", "pretrained", "could not fetch pretrained weights .*--weights PATH"),
+        ("resnet10t", "pretrained", "could not fetch pretrained weights"),
+    ],
+)
 def test_bad_model_choices(arch, weights, match, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", "/nonexistent-torch-home")
@@ -87,9 +91,17 @@ def test_split_classifier_finds_the_last_linear():
 def test_default_feature_layers_match_tllib_on_resnet50():
     net = build_model("resnet50", 3, weights="none").net
     assert default_feature_layers(net) == [
-        "backbone.layer1.2.conv3", "backbone.layer2.3.conv3", "backbone.layer3.5.conv3", "backbone.layer4.2.conv3"]
+        "backbone.layer1.2.conv3",
+        "backbone.layer2.3.conv3",
+        "backbone.layer3.5.conv3",
+        "backbone.layer4.2.conv3",
+    ]
     small = build_model("builtin", 5, in_channels=1).net
     assert default_feature_layers(small) == ["backbone.conv2", "backbone.conv3"]
     vgg = build_model("vgg11", 3, weights="none").net  # one conv-holding child: its plain convs but the stem
-    assert default_feature_layers(vgg) == ["backbone.features.11", "backbone.features.13", "backbone.features.16",
-                                           "backbone.features.18"]
+    assert default_feature_layers(vgg) == [
+        "backbone.features.11",
+        "backbone.features.13",
+        "backbone.features.16",
+        "backbone.features.18",
+    ]

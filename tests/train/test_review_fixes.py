@@ -1,4 +1,5 @@
 """Bad input loses nothing and says what to do: the cases a new-user review of the command line found."""
+
 import hashlib
 import os
 import signal
@@ -23,8 +24,12 @@ def test_overwrite_with_bad_input_keeps_the_previous_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["fit", "--out", str(run), *TINY]) == 0
     before = _digest(run)
-    for bad in (["--method", "l2-spp"], ["--data", str(tmp_path / "missing")], ["--weights", "/no/such.pt"],
-                ["-b", "400"]):  # 400 > the 89 training images: fails after data and model are built
+    for bad in (
+        ["--method", "l2-spp"],
+        ["--data", str(tmp_path / "missing")],
+        ["--weights", "/no/such.pt"],
+        ["-b", "400"],
+    ):  # 400 > the 89 training images: fails after data and model are built
         assert main(["fit", "--out", str(run), "--overwrite", *TINY, *bad]) == 2
         assert _digest(run) == before, bad
     capsys.readouterr()
@@ -83,8 +88,25 @@ def test_bench_stops_cleanly_on_ctrl_c_and_finishes_on_rerun(tmp_path):
     """SIGINT to the bench process alone (as ``kill -INT``; a terminal's Ctrl-C also reaches the workers): the
     running fits checkpoint, the command writes what finished and exits 130; the same command finishes the grid."""
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "finereg", "bench", "--methods", "erm,l2sp", "--rates", "30", "--seeds", "0,1",
-           "--epochs", "40", "--jobs", "2", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finereg",
+        "bench",
+        "--methods",
+        "erm,l2sp",
+        "--rates",
+        "30",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "40",
+        "--jobs",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

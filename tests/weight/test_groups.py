@@ -1,4 +1,5 @@
 """Weight groups: matrix views (one row per output unit), name/glob resolution, joins, gradients."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ def test_conv_transpose_explicit_example():
     assert torch.equal(matrix_to_weight(m, w, ct), w)
 
 
-@pytest.mark.parametrize("ct", [nn.ConvTranspose1d(4, 6, 3, groups=2), nn.ConvTranspose2d(6, 4, 3, groups=2),
-                                nn.ConvTranspose3d(3, 5, 2)])
+@pytest.mark.parametrize(
+    "ct", [nn.ConvTranspose1d(4, 6, 3, groups=2), nn.ConvTranspose2d(6, 4, 3, groups=2), nn.ConvTranspose3d(3, 5, 2)]
+)
 def test_conv_transpose_row_drives_exactly_its_output_channel(ct):
     """Changing row o of the matrix view changes output channel o of the layer, and nothing else."""
     ct = ct.double()
@@ -83,8 +85,7 @@ def test_glob_patterns_and_names_resolve_in_order():
     assert g.names == ["layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv2", "layer2.1.conv2"]
     # "layer2.*" keeps 2-D+ weights: convs and the downsample conv, never BatchNorm
     g2 = WeightGroup("layer2.*", m, axis=None)
-    assert g2.names == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv1",
-                        "layer2.1.conv2"]
+    assert g2.names == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv1", "layer2.1.conv2"]
     # mixing module objects, names and patterns; duplicates count once
     g3 = WeightGroup([m.fc, "layer1.0.conv1", "layer1.*.conv1"], m, axis=None)
     assert g3.names == ["fc", "layer1.0.conv1", "layer1.1.conv1"]

@@ -1,4 +1,5 @@
 """L2 and L2-SP (finereg.weight.l2): tllib's numbers, the fused gradient mode, names, devices, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,7 @@ def reference(target, anchors, alpha=1.0, beta=1.0):
 
 # --- tllib's golden numbers through the native API -------------------------------------------------------
 
+
 def test_l2_golden(golden):
     case = golden["l2"]
     model = build(case, "target_params")
@@ -80,6 +82,7 @@ def test_golden_fused_mode(golden):
 
 
 # --- the fused mode --------------------------------------------------------------------------------------
+
 
 def _new_head_pair():
     source = small(0, classes=4)
@@ -152,7 +155,7 @@ def test_same_trajectory_for_sgd_steps():
         reg_b.add_grad_()
         opt_b.step()
     moved = 0.0
-    for (n, pa), pb, p0 in zip(target_a.named_parameters(), target_b.parameters(), _new_head_pair()[1].parameters()):
+    for (_n, pa), pb, p0 in zip(target_a.named_parameters(), target_b.parameters(), _new_head_pair()[1].parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-6, atol=1e-8)
         moved = max(moved, (pa - p0).abs().max().item())
     assert moved > 1e-2  # the steps did something
@@ -160,6 +163,7 @@ def test_same_trajectory_for_sgd_steps():
 
 
 # --- selection by name -----------------------------------------------------------------------------------
+
 
 def test_snapshot_anchor_none_and_copies():
     model = small(0)
@@ -189,8 +193,12 @@ def test_include_exclude_and_unanchored_modes():
     reg = L2SP(target, src_body, unanchored="ignore")
     assert reg.unanchored_names == [] and len(reg.anchored_names) == 4
     reg = L2SP(target, src_body, alpha=1.0, beta=0.0)  # beta 0: the head contributes nothing
-    torch.testing.assert_close(reg(), reference(target, {k: v for k, v in src_body.items() if "running" not in k
-                                                          and "num_batches" not in k}, 1.0, 0.0))
+    torch.testing.assert_close(
+        reg(),
+        reference(
+            target, {k: v for k, v in src_body.items() if "running" not in k and "num_batches" not in k}, 1.0, 0.0
+        ),
+    )
     with pytest.raises(KeyError, match=r"no anchor for these parameters: 3\.weight.*unanchored='l2'"):
         L2SP(target, src_body, unanchored="error")
 
@@ -248,6 +256,7 @@ def test_torch_compile_names():
 
 # --- frozen parameters ------------------------------------------------------------------------------------
 
+
 def test_frozen_parameters():
     source, target = small(0), small(1)
     target[0].requires_grad_(False)
@@ -272,6 +281,7 @@ def test_frozen_parameters():
 
 # --- devices, dtypes, state_dict --------------------------------------------------------------------------
 
+
 def test_anchors_follow_to_and_state_dict_round_trip():
     source, target = small(0, dtype=torch.float32), small(1, dtype=torch.float32)
     reg = L2SP(target, source)
@@ -281,7 +291,6 @@ def test_anchors_follow_to_and_state_dict_round_trip():
     target.double()
     expect = reference(target, {n: p.detach().double() for n, p in source.named_parameters()})
     torch.testing.assert_close(reg(), expect)
-
 
     state = reg.state_dict()
     assert set(state) == {"anchors." + n.replace(".", "/") for n in reg.anchored_names}
@@ -313,8 +322,9 @@ def test_mixed_dtypes():
     assert reg.anchor("3.weight").dtype == torch.float64  # follows on the first call
     value = reg()
     assert value.dtype == torch.float64 and reg.anchor("3.weight").dtype == torch.float32
-    expect = 0.5 * sum(0.5 * (p.double() - source_w[n].to(p.dtype).double()).pow(2).sum()
-                       for n, p in target.named_parameters())
+    expect = 0.5 * sum(
+        0.5 * (p.double() - source_w[n].to(p.dtype).double()).pow(2).sum() for n, p in target.named_parameters()
+    )
     torch.testing.assert_close(value, expect, rtol=1e-6, atol=1e-8)
     value.backward()
     ga = grads(target)
@@ -327,11 +337,16 @@ def test_mixed_dtypes():
 
 # --- bad input --------------------------------------------------------------------------------------------
 
+
 def test_errors():
     source, target = small(0, classes=4), small(1, classes=3)
-    with pytest.raises(ValueError, match=r"(?s)different shape.*3\.weight: model \(3, 5\) vs anchor \(4, 5\).*new_params"):
+    with pytest.raises(
+        ValueError, match=r"(?s)different shape.*3\.weight: model \(3, 5\) vs anchor \(4, 5\).*new_params"
+    ):
         L2SP(target, source)
-    with pytest.raises(ValueError, match=r"(?s)no parameter of the model matched.*model: 0\.weight.*anchor: backbone\.w"):
+    with pytest.raises(
+        ValueError, match=r"(?s)no parameter of the model matched.*model: 0\.weight.*anchor: backbone\.w"
+    ):
         L2SP(target, {"backbone.w": torch.zeros(2)})
     with pytest.raises(KeyError, match=r"include pattern 'layer9\.\*' matches no parameter"):
         L2SP(target, include="layer9.*")

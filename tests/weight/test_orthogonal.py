@@ -1,5 +1,6 @@
 """Orthogonality penalties: Keras golden values, the formulas written out naively, smaller-side Grams,
 SRIP's power iteration against the exact spectral norm and the authors' procedure, batching over groups."""
+
 import io
 
 import pytest
@@ -8,8 +9,14 @@ from torch import nn
 
 from finereg.weight.groups import WeightGroup
 from finereg.weight.orthogonal import (
-    SRIP, CallablePenalty, DoubleSoftOrthogonality, MutualCoherence, Orthogonality, SoftOrthogonality,
-    create_penalty)
+    SRIP,
+    CallablePenalty,
+    DoubleSoftOrthogonality,
+    MutualCoherence,
+    Orthogonality,
+    SoftOrthogonality,
+    create_penalty,
+)
 
 D = torch.float64
 SHAPES = [(5, 9), (9, 5), (6, 6), (1, 4), (12, 3)]  # wide, tall, square, one row, very tall
@@ -66,19 +73,27 @@ def test_keras_golden(keras_golden):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, c["value"], rtol=1e-5, atol=0)
         # the same number from a float64 computation
-        torch.testing.assert_close(Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"].double()),
-                                   c["value"].double(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"].double()),
+            c["value"].double(),
+            rtol=1e-5,
+            atol=0,
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("penalty, naive", [
-    (SoftOrthogonality(), naive_so),
-    (DoubleSoftOrthogonality(), naive_dso),
-    (Orthogonality(), naive_keras),
-    (Orthogonality(mode="columns"), lambda w: naive_keras(w.T)),
-    (MutualCoherence(), naive_mc),
-    (MutualCoherence(mode="columns"), lambda w: naive_mc(w.T)),
-], ids=["so", "dso", "keras_rows", "keras_cols", "mc_rows", "mc_cols"])
+@pytest.mark.parametrize(
+    "penalty, naive",
+    [
+        (SoftOrthogonality(), naive_so),
+        (DoubleSoftOrthogonality(), naive_dso),
+        (Orthogonality(), naive_keras),
+        (Orthogonality(mode="columns"), lambda w: naive_keras(w.T)),
+        (MutualCoherence(), naive_mc),
+        (MutualCoherence(mode="columns"), lambda w: naive_mc(w.T)),
+    ],
+    ids=["so", "dso", "keras_rows", "keras_cols", "mc_rows", "mc_cols"],
+)
 def test_values_and_gradients_equal_the_naive_formula(penalty, naive, shape):
     w = torch.randn(shape, dtype=D)
     v, g = value_and_grad(penalty, w)
@@ -119,8 +134,14 @@ def test_coef_scales_and_penalties_compose():
 # -- groups, batching ----------------------------------------------------------------------------------------
 def stage_model():
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1),
-                         nn.Linear(8, 8), nn.ConvTranspose2d(8, 6, 2, groups=2)).double()
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3),
+        nn.Conv2d(8, 8, 3),
+        nn.Conv2d(8, 8, 3),
+        nn.Conv2d(8, 4, 1),
+        nn.Linear(8, 8),
+        nn.ConvTranspose2d(8, 6, 2, groups=2),
+    ).double()
 
 
 @pytest.mark.parametrize("cls", [SoftOrthogonality, DoubleSoftOrthogonality, Orthogonality, MutualCoherence])
@@ -131,8 +152,12 @@ def test_groups_batched_equal_a_per_layer_loop(cls):
     total = pen()
     mats = [mod.weight.reshape(mod.weight.shape[0], -1) for mod in list(m)[:5]]
     ct = m[5]
-    mats.append(torch.cat([ct.weight[0:4, j].reshape(-1)[None] for j in range(3)]
-                          + [ct.weight[4:8, j].reshape(-1)[None] for j in range(3)]))
+    mats.append(
+        torch.cat(
+            [ct.weight[0:4, j].reshape(-1)[None] for j in range(3)]
+            + [ct.weight[4:8, j].reshape(-1)[None] for j in range(3)]
+        )
+    )
     ref = cls()
     per_layer = [ref(w) for w in mats]
     torch.testing.assert_close(total, 0.7 * sum(per_layer), rtol=1e-12, atol=1e-12)
@@ -149,8 +174,9 @@ def test_joined_group_is_one_matrix():
     w = torch.cat([p.weight for p in parts])
     torch.testing.assert_close(SoftOrthogonality(g)(), naive_so(w))
     torch.testing.assert_close(SoftOrthogonality()(g), naive_so(w))  # group given at call time
-    torch.testing.assert_close(Orthogonality([g, WeightGroup(parts[0])])(),
-                               naive_keras(w) + naive_keras(parts[0].weight))
+    torch.testing.assert_close(
+        Orthogonality([g, WeightGroup(parts[0])])(), naive_keras(w) + naive_keras(parts[0].weight)
+    )
 
 
 # -- SRIP --------------------------------------------------------------------------------------------------
@@ -166,7 +192,7 @@ def test_srip_converges_to_the_spectral_norm_and_its_gradient(shape):
     torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-8)
     sq = SRIP(squared=True)
     sq.load_state_dict(srip.state_dict())
-    torch.testing.assert_close(sq(w), v0 ** 2, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(sq(w), v0**2, rtol=1e-8, atol=1e-10)
 
 
 def test_srip_equals_the_authors_procedure():
@@ -190,7 +216,7 @@ def test_srip_vector_persists_in_training_only_and_in_state_dict():
     grp = WeightGroup(["1", "2"], m, axis=None)  # two 8 × 72 matrices: one bucket of 2
     srip = SRIP(grp, n_power_iterations=2)
     srip()
-    (name, vec), = srip.named_buffers()
+    ((name, vec),) = srip.named_buffers()
     assert vec.shape == (2, 8)
     before = vec.clone()
     srip()
@@ -243,8 +269,9 @@ def test_create_penalty_and_errors():
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (6, 4)])
-@pytest.mark.parametrize("penalty, naive", [(SoftOrthogonality(), naive_so), (DoubleSoftOrthogonality(), naive_dso)],
-                         ids=["so", "dso"])
+@pytest.mark.parametrize(
+    "penalty, naive", [(SoftOrthogonality(), naive_so), (DoubleSoftOrthogonality(), naive_dso)], ids=["so", "dso"]
+)
 def test_analytic_gradient_supports_double_backward(penalty, naive, shape):
     """SO / DSO use a hand-written gradient (one matmul); under create_graph it stays exact: Hessian-vector
     products equal autograd's on the naive formula."""

@@ -1,5 +1,6 @@
 """Seed 002: a 1×1 conv 1024 → 10 whose filters are kept pairwise orthogonal, with filters chosen at run time
 frozen; and the seed's Keras workaround (one layer per filter, one regularizer over all of them)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def data(n_batches=4, batch=4):
     g = torch.Generator().manual_seed(11)
-    return [(torch.randn(batch, 1024, 7, 7, generator=g, dtype=D), torch.randn(batch, 10, 7, 7, generator=g, dtype=D))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(batch, 1024, 7, 7, generator=g, dtype=D), torch.randn(batch, 10, 7, 7, generator=g, dtype=D))
+        for _ in range(n_batches)
+    ]
 
 
 def test_frozen_filters_stay_and_the_penalty_sees_them():
@@ -105,8 +108,10 @@ def test_penalty_over_three_separate_layers_equals_the_single_layer():
     opt_split = torch.optim.SGD([parts[0].weight, parts[2].weight], lr=0.1, momentum=0.9)
     opt_single = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
     for x, y in data(3):
-        for loss_fn, opt in ((lambda: F.mse_loss(torch.cat([p(x) for p in parts], 1), y) + pen_split(), opt_split),
-                             (lambda: F.mse_loss(single(x), y) + pen_single(), opt_single)):
+        for loss_fn, opt in (
+            (lambda x=x, y=y: F.mse_loss(torch.cat([p(x) for p in parts], 1), y) + pen_split(), opt_split),
+            (lambda x=x, y=y: F.mse_loss(single(x), y) + pen_single(), opt_single),
+        ):
             opt.zero_grad()
             loss_fn().backward()
             opt.step()

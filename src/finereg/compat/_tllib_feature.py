@@ -4,6 +4,7 @@
 ``IntermediateLayerGetter`` with their signatures, call conventions and return values, plus ``channel_attention``,
 the procedure that tllib has only inside its DELTA script, as a function.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -13,11 +14,19 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..feature.capture import FeatureCapture
-from ..feature.delta import (AttentionBehavioralPenalty, attention_from_importance, behavioral_penalty,
-                             channel_importance)
+from ..feature.delta import (
+    AttentionBehavioralPenalty,
+    attention_from_importance,
+    behavioral_penalty,
+    channel_importance,
+)
 
-__all__ = ["BehavioralRegularization", "AttentionBehavioralRegularization", "IntermediateLayerGetter",
-           "channel_attention"]
+__all__ = [
+    "BehavioralRegularization",
+    "AttentionBehavioralRegularization",
+    "IntermediateLayerGetter",
+    "channel_attention",
+]
 
 
 class BehavioralRegularization(nn.Module):
@@ -81,8 +90,9 @@ class IntermediateLayerGetter:
         return features, (output if self.keep_output else None)
 
 
-def channel_attention(model: nn.Module, layers: Sequence[str], batches: Iterable,
-                      criterion: Callable[[Any, Any], Tensor] | None = None) -> list[Tensor]:
+def channel_attention(
+    model: nn.Module, layers: Sequence[str], batches: Iterable, criterion: Callable[[Any, Any], Tensor] | None = None
+) -> list[Tensor]:
     """DELTA's channel attention by tllib's procedure, computed batched; one float32 vector per layer.
 
     ``model`` is used in the state it is given: tllib's script calls ``model.eval()`` first, and so must the caller

@@ -18,10 +18,10 @@ Where this differs from tllib (deliberately):
   is computed in one vectorized pass; no progress bar/print.
 * ``BiTuning``: no Python loop over samples, any batch size, keys of all DDP ranks enter the queues.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +35,23 @@ from ..head.co_tuning import direct_relationship
 from ..head.kd import KnowledgeDistillation
 from ..head.lwf import LwFClassifier as _LwFClassifier
 
-__all__ = ["KnowledgeDistillationLoss", "LwFClassifier", "CoTuningClassifier", "CoTuningLoss", "Relationship",
-           "BiTuningClassifier", "BiTuning", "collect_pretrain_labels"]
+__all__ = [
+    "KnowledgeDistillationLoss",
+    "LwFClassifier",
+    "CoTuningClassifier",
+    "CoTuningLoss",
+    "Relationship",
+    "BiTuningClassifier",
+    "BiTuning",
+    "collect_pretrain_labels",
+]
 
 
 def _default_pool() -> nn.Module:
     return nn.Sequential(nn.AdaptiveAvgPool2d(output_size=(1, 1)), nn.Flatten())
 
 
-def _features_dim(backbone: nn.Module, bottleneck: Optional[nn.Module], bottleneck_dim: Optional[int]) -> int:
+def _features_dim(backbone: nn.Module, bottleneck: nn.Module | None, bottleneck_dim: int | None) -> int:
     if bottleneck is not None:
         if not (isinstance(bottleneck_dim, int) and bottleneck_dim > 0):
             raise ValueError("a bottleneck needs bottleneck_dim > 0 (its output size)")
@@ -58,7 +66,7 @@ class KnowledgeDistillationLoss(KnowledgeDistillation):
     """tllib's ``KnowledgeDistillationLoss(T=1., reduction='batchmean')``:
     KLDiv(reduction)(log_softmax(y_student / T), softmax(y_teacher / T)), no T² factor."""
 
-    def __init__(self, T: float = 1., reduction: str = "batchmean"):
+    def __init__(self, T: float = 1.0, reduction: str = "batchmean"):
         super().__init__(T=T, reduction=reduction)
 
     def forward(self, y_student: Tensor, y_teacher: Tensor) -> Tensor:  # tllib's argument names
@@ -76,14 +84,28 @@ class LwFClassifier(_LwFClassifier):
     1.0·base_lr; the source head is not in the list (tllib leaves it out of the optimizer).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head_source: nn.Module,
-                 head_target: Optional[nn.Module] = None, bottleneck: Optional[nn.Module] = None,
-                 bottleneck_dim: Optional[int] = -1, finetune: bool = True, pool_layer: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        head_source: nn.Module,
+        head_target: nn.Module | None = None,
+        bottleneck: nn.Module | None = None,
+        bottleneck_dim: int | None = -1,
+        finetune: bool = True,
+        pool_layer: nn.Module | None = None,
+    ):
         features_dim = _features_dim(backbone, bottleneck, bottleneck_dim)
         if head_target is None:
             head_target = nn.Linear(features_dim, num_classes)
-        super().__init__(backbone, head_source, num_classes, head_target=head_target, bottleneck=bottleneck,
-                         pool=_default_pool() if pool_layer is None else pool_layer)
+        super().__init__(
+            backbone,
+            head_source,
+            num_classes,
+            head_target=head_target,
+            bottleneck=bottleneck,
+            pool=_default_pool() if pool_layer is None else pool_layer,
+        )
         self._features_dim = features_dim
         self.finetune = finetune
 
@@ -138,7 +160,7 @@ class Relationship:
     ``softmax(classifier(x))`` over the loader (eval mode, no_grad) and, if ``cache`` is given, saved there.
     """
 
-    def __init__(self, data_loader, classifier: nn.Module, device, cache: Optional[str] = None):
+    def __init__(self, data_loader, classifier: nn.Module, device, cache: str | None = None):
         import numpy as np
 
         self.data_loader = data_loader
@@ -189,10 +211,21 @@ class BiTuningClassifier(_BiTuningClassifier):
     features_dim = backbone.out_features. ``get_parameters(base_lr)``: backbone and projector 0.1·base_lr
     (1.0 if not finetune), bottleneck and head 1.0·base_lr."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, projection_dim: int = 128, finetune: bool = True,
-                 pool_layer: Optional[nn.Module] = None):
-        super().__init__(backbone, num_classes, projection_dim, features_dim=_features_dim(backbone, None, None),
-                         pool=_default_pool() if pool_layer is None else pool_layer)
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        projection_dim: int = 128,
+        finetune: bool = True,
+        pool_layer: nn.Module | None = None,
+    ):
+        super().__init__(
+            backbone,
+            num_classes,
+            projection_dim,
+            features_dim=_features_dim(backbone, None, None),
+            pool=_default_pool() if pool_layer is None else pool_layer,
+        )
         self.finetune = finetune
 
     def get_parameters(self, base_lr: float = 1.0) -> list[dict]:
@@ -210,6 +243,13 @@ class BiTuning(_BiTuning):
     labels) → (y_q, logits_z, logits_y, labels_c). Buffers ``queue_h`` (F+1, C, K), ``queue_z`` (P, C, K),
     ``queue_ptr`` (C,) as in tllib."""
 
-    def __init__(self, encoder_q: nn.Module, encoder_k: nn.Module, num_classes: int, K: int = 40,
-                 m: float = 0.999, T: float = 0.07):
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        encoder_k: nn.Module,
+        num_classes: int,
+        K: int = 40,
+        m: float = 0.999,
+        T: float = 0.07,
+    ):
         super().__init__(encoder_q, encoder_k, num_classes, K=K, m=m, T=T)

@@ -17,12 +17,13 @@ Differences from tllib, all deliberate (see docs/weight_penalties.md):
   computes through the float64 Gram matrix (same value and gradient, faster; see :mod:`finereg.feature.bss`).
 * Both weight penalties also offer finereg's fused mode, ``reg.add_grad_()`` after ``loss.backward()``.
 """
+
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from finereg.feature.bss import BSS
-from finereg.weight.l2 import L2, L2SP
+from ..feature.bss import BSS
+from ..weight.l2 import L2, L2SP
 
 __all__ = ["L2Regularization", "SPRegularization", "BatchSpectralShrinkage"]
 
@@ -42,8 +43,7 @@ class SPRegularization(L2SP):
     def __init__(self, source_model: nn.Module, target_model: nn.Module):
         if not isinstance(source_model, nn.Module):
             raise TypeError(f"source_model must be an nn.Module, got {type(source_model).__name__}")
-        super().__init__(target_model, anchor=source_model,
-                         alpha=1.0, unanchored="error", skip_frozen=False)
+        super().__init__(target_model, anchor=source_model, alpha=1.0, unanchored="error", skip_frozen=False)
         self.__dict__["target_model"] = target_model
 
     @property

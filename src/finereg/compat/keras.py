@@ -19,6 +19,7 @@ Deliberate differences from Keras 3.15 (tested):
 * ``get_config()["factor"]`` is the float given; Keras stores a float32 tensor, so 0.01 comes back as
   0.009999999776... there.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from finereg.weight.orthogonal import keras_orthogonality
+from ..weight.orthogonal import keras_orthogonality
 
 __all__ = ["OrthogonalRegularizer"]
 
@@ -44,11 +45,20 @@ class OrthogonalRegularizer:
     """
 
     def __init__(self, factor: float = 0.01, mode: Literal["rows", "columns"] = "rows"):
-        if (isinstance(factor, bool) or not isinstance(factor, (int, float)) or math.isinf(factor)
-                or math.isnan(factor) or factor < 0):
-            raise ValueError(f"Invalid value for argument factor: expected a non-negative float. Received: factor={factor!r}")
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or math.isinf(factor)
+            or math.isnan(factor)
+            or factor < 0
+        ):
+            raise ValueError(
+                f"Invalid value for argument factor: expected a non-negative float. Received: factor={factor!r}"
+            )
         if mode not in ("rows", "columns"):
-            raise ValueError(f'Invalid value for argument `mode`. Expected one of {{"rows", "columns"}}. Received: mode={mode!r}')
+            raise ValueError(
+                f'Invalid value for argument `mode`. Expected one of {{"rows", "columns"}}. Received: mode={mode!r}'
+            )
         self.factor = float(factor)
         self.mode = mode
 
@@ -71,7 +81,8 @@ class OrthogonalRegularizer:
         if kernel.dim() < 2:
             raise ValueError(
                 f"Inputs to OrthogonalRegularizer must have rank >= 2 (a Dense (in, units) or Conv (k..., in, "
-                f"filters) kernel). Received: inputs.shape={tuple(kernel.shape)}")
+                f"filters) kernel). Received: inputs.shape={tuple(kernel.shape)}"
+            )
         matrix = kernel.reshape(-1, kernel.shape[-1])
         return self.factor * keras_orthogonality(matrix, self.mode)
 
@@ -79,7 +90,7 @@ class OrthogonalRegularizer:
         return {"factor": float(self.factor), "mode": self.mode}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "OrthogonalRegularizer":
+    def from_config(cls, config: dict[str, Any]) -> OrthogonalRegularizer:
         return cls(**config)
 
     def __repr__(self) -> str:

@@ -47,6 +47,7 @@ for k > min(b, d) tllib's index ``s[num-1-i]`` turns negative and wraps around, 
 a second time; both are mistakes, so they are errors here (a last batch of at most k samples is the usual
 cause: use ``DataLoader(..., drop_last=True)``).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -62,11 +63,14 @@ BSS_METHODS: tuple[str, ...] = ("auto", "gram", "svdvals", "svd")
 
 def _check(features: Tensor, k: int, method: str) -> None:
     if not isinstance(features, Tensor):
-        raise TypeError(f"BSS expects the batch features as a tensor of shape (batch, dim), got {type(features).__name__}")
+        raise TypeError(
+            f"BSS expects the batch features as a tensor of shape (batch, dim), got {type(features).__name__}"
+        )
     if features.dim() != 2:
         raise ValueError(
             f"BSS expects features of shape (batch, dim), got a {features.dim()}-D tensor of shape "
-            f"{tuple(features.shape)}; flatten or pool them first, e.g. features.flatten(1)")
+            f"{tuple(features.shape)}; flatten or pool them first, e.g. features.flatten(1)"
+        )
     if not features.is_floating_point():
         raise TypeError(f"BSS needs floating-point features, got {features.dtype}")
     _check_k(k)
@@ -75,7 +79,8 @@ def _check(features: Tensor, k: int, method: str) -> None:
         raise ValueError(
             f"BSS k={k} must be smaller than min(batch, dim) = min{tuple(features.shape)} = {m}: the features have "
             f"only {m} singular values and penalizing all of them is just ‖F‖²; use a smaller k or larger "
-            "batches (a small last batch is the usual cause: DataLoader(..., drop_last=True))")
+            "batches (a small last batch is the usual cause: DataLoader(..., drop_last=True))"
+        )
     if method not in BSS_METHODS:
         raise ValueError(f"unknown BSS method {method!r}; choose one of {', '.join(map(repr, BSS_METHODS))}")
 

@@ -14,6 +14,7 @@ a ``str`` (key of a dict/``ModelOutput`` or attribute name) or a callable ``outp
 selectors apply to containers only: a Tensor output is kept as it is, so ``select=0`` takes the hidden states of a
 Hugging Face layer whichever of the two it returns.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -33,8 +34,10 @@ Selector = int | str | Callable[[Any], Any] | None
 def _check_selector(sel: Any, where: str) -> Selector:
     if sel is None or callable(sel) or (isinstance(sel, (int, str)) and not isinstance(sel, bool)):
         return sel
-    raise TypeError(f"{where}: a selector is None, an int (position in a tuple), a str (key of a dict / "
-                    f"ModelOutput) or a callable output -> value; got {type(sel).__name__} {sel!r}")
+    raise TypeError(
+        f"{where}: a selector is None, an int (position in a tuple), a str (key of a dict / "
+        f"ModelOutput) or a callable output -> value; got {type(sel).__name__} {sel!r}"
+    )
 
 
 def _apply_selector(sel: Selector, output: Any, name: str) -> Any:
@@ -46,8 +49,10 @@ def _apply_selector(sel: Selector, output: Any, name: str) -> Any:
     if isinstance(sel, int):
         seq = output.to_tuple() if hasattr(output, "to_tuple") else output
         if not isinstance(seq, (tuple, list)):
-            raise TypeError(f"module {name!r} returned a {kind}; select={sel} picks a position in a tuple/list "
-                            f"output; pass a str key or a callable instead")
+            raise TypeError(
+                f"module {name!r} returned a {kind}; select={sel} picks a position in a tuple/list "
+                f"output; pass a str key or a callable instead"
+            )
         if not -len(seq) <= sel < len(seq):
             raise IndexError(f"module {name!r} returned a {kind} of {len(seq)} items; select={sel} is out of range")
         return seq[sel]
@@ -57,8 +62,10 @@ def _apply_selector(sel: Selector, output: Any, name: str) -> Any:
         return output[sel]
     if hasattr(output, sel):
         return getattr(output, sel)
-    raise TypeError(f"module {name!r} returned a {kind} with no key or attribute {sel!r}; "
-                    f"pass an int position or a callable selector instead")
+    raise TypeError(
+        f"module {name!r} returned a {kind} with no key or attribute {sel!r}; "
+        f"pass an int position or a callable selector instead"
+    )
 
 
 class FeatureCapture:
@@ -79,12 +86,19 @@ class FeatureCapture:
     output (as tllib). Outputs keep their autograd graph (unless ``detach``) until the next forward or :meth:`clear`.
     """
 
-    def __init__(self, model: nn.Module, names: str | Iterable[str],
-                 select: Selector | Mapping[str, Selector] = None, *, detach: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: str | Iterable[str],
+        select: Selector | Mapping[str, Selector] = None,
+        *,
+        detach: bool = False,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        names = name_list(names, "module names", "the names of the submodules whose outputs to capture, e.g. "
-                           "['layer3', 'layer4']")
+        names = name_list(
+            names, "module names", "the names of the submodules whose outputs to capture, e.g. ['layer3', 'layer4']"
+        )
         modules = {n: get_submodule(model, n) for n in names}  # KeyError with close matches
         if isinstance(select, Mapping):
             for key in select:
@@ -109,6 +123,7 @@ class FeatureCapture:
             if self.detach:
                 value = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
             self._outputs[name] = value
+
         return hook
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
@@ -123,9 +138,11 @@ class FeatureCapture:
         if name not in self._selectors:
             raise unknown_name_error("captured module", name, self.names)
         if name not in self._outputs:
-            raise KeyError(f"module {name!r} produced no output since the last forward of the model (was the model "
-                           f"run after the capture was created, and does its forward use this module? A "
-                           f"torch.compile'd model runs only the hooks that existed at its first call)")
+            raise KeyError(
+                f"module {name!r} produced no output since the last forward of the model (was the model "
+                f"run after the capture was created, and does its forward use this module? A "
+                f"torch.compile'd model runs only the hooks that existed at its first call)"
+            )
         return self._outputs[name]
 
     def __len__(self) -> int:
@@ -167,4 +184,3 @@ class FeatureCapture:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"FeatureCapture(names={list(self.names)}, detach={self.detach}, {state})"
-

@@ -23,6 +23,7 @@ Channel attention (DELTA §3.3 / tllib's ``calculate_channel_attention``): for e
 channel j, the loss increase when channel j is removed (its filter set to zero, ``weight[j] = 0``), averaged over
 batches; per layer the increases are standardized (population std) and ``softmax(w / 5)`` gives the attention.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,14 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .._utils import get_submodule, name_list, strip_prefixes, unknown_name_error, unwrap
 
 __all__ = [
-    "behavioral_penalty", "attention_behavioral_penalty", "BehavioralPenalty", "AttentionBehavioralPenalty",
-    "channel_importance", "attention_from_importance", "channel_attention", "train_attention_classifier",
+    "behavioral_penalty",
+    "attention_behavioral_penalty",
+    "BehavioralPenalty",
+    "AttentionBehavioralPenalty",
+    "channel_importance",
+    "attention_from_importance",
+    "channel_attention",
+    "train_attention_classifier",
 ]
 
 ChannelDim = Literal["auto"] | int
@@ -55,47 +62,62 @@ Criterion = Callable[[Any, Any], Tensor]
 def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, Tensor, Tensor]]:
     """``(key, source, target)`` per layer; the same layers (by name or by position) and shapes, or a clear error."""
     if isinstance(source, Mapping) != isinstance(target, Mapping):
-        raise TypeError("source and target features must both be mappings layer name -> tensor (e.g. the "
-                        "OrderedDicts of FeatureCapture.outputs) or both sequences of tensors; got "
-                        f"{type(source).__name__} and {type(target).__name__}")
+        raise TypeError(
+            "source and target features must both be mappings layer name -> tensor (e.g. the "
+            "OrderedDicts of FeatureCapture.outputs) or both sequences of tensors; got "
+            f"{type(source).__name__} and {type(target).__name__}"
+        )
     if isinstance(source, Mapping):
         s_keys, t_keys = list(source), list(target)
         if set(s_keys) != set(t_keys):
-            raise ValueError(f"source and target features come from different layers: only in source "
-                             f"{[k for k in s_keys if k not in target]}, only in target "
-                             f"{[k for k in t_keys if k not in source]}; capture the same layer names on both models")
+            raise ValueError(
+                f"source and target features come from different layers: only in source "
+                f"{[k for k in s_keys if k not in target]}, only in target "
+                f"{[k for k in t_keys if k not in source]}; capture the same layer names on both models"
+            )
         pairs = [(k, source[k], target[k]) for k in t_keys]
     elif isinstance(source, Sequence) and not isinstance(source, (str, Tensor)):
         if len(source) != len(target):
             raise ValueError(f"source has {len(source)} feature tensors and target {len(target)}; they must match")
         pairs = list(zip(range(len(target)), source, target))
     else:
-        raise TypeError(f"features must be a mapping name -> tensor or a sequence of tensors, "
-                        f"got {type(source).__name__}")
+        raise TypeError(
+            f"features must be a mapping name -> tensor or a sequence of tensors, got {type(source).__name__}"
+        )
     if not pairs:
-        raise ValueError("no features given: did the capture hooks run (is the model forward called before the "
-                         "penalty, on a capture that is not closed)?")
+        raise ValueError(
+            "no features given: did the capture hooks run (is the model forward called before the "
+            "penalty, on a capture that is not closed)?"
+        )
     for key, s, t in pairs:
         if not isinstance(s, Tensor) or not isinstance(t, Tensor):
-            raise TypeError(f"layer {key!r}: features must be tensors, got {type(s).__name__} and "
-                            f"{type(t).__name__} (use a selector on the capture for tuple outputs)")
+            raise TypeError(
+                f"layer {key!r}: features must be tensors, got {type(s).__name__} and "
+                f"{type(t).__name__} (use a selector on the capture for tuple outputs)"
+            )
         if s.shape != t.shape:
-            raise ValueError(f"layer {key!r}: source features have shape {tuple(s.shape)} but target features "
-                             f"{tuple(t.shape)}; they must be computed on the same inputs by the same architecture")
+            raise ValueError(
+                f"layer {key!r}: source features have shape {tuple(s.shape)} but target features "
+                f"{tuple(t.shape)}; they must be computed on the same inputs by the same architecture"
+            )
     return pairs
 
 
 def _channel_dim(fm: Tensor, channel_dim: ChannelDim, key: str | int) -> int:
     if fm.dim() < 2:
-        raise ValueError(f"layer {key!r}: features of shape {tuple(fm.shape)} have no batch and channel dimension; "
-                         f"expected (b, d), (b, tokens, d) or (b, c, *spatial)")
+        raise ValueError(
+            f"layer {key!r}: features of shape {tuple(fm.shape)} have no batch and channel dimension; "
+            f"expected (b, d), (b, tokens, d) or (b, c, *spatial)"
+        )
     if channel_dim == "auto":
         return 2 if fm.dim() == 3 else 1
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"channel_dim must be 'auto' or an int, got {channel_dim!r}")
     if not -fm.dim() <= channel_dim < fm.dim() or channel_dim % fm.dim() == 0:
-        raise ValueError(f"layer {key!r}: channel_dim={channel_dim} is not a non-batch dimension of features "
-                         f"of shape {tuple(fm.shape)}")
+        raise ValueError(
+            f"layer {key!r}: channel_dim={channel_dim} is not a non-batch dimension of features "
+            f"of shape {tuple(fm.shape)}"
+        )
     return channel_dim % fm.dim()
 
 
@@ -112,9 +134,12 @@ def behavioral_penalty(source: Features, target: Features) -> Tensor:
     return total
 
 
-def attention_behavioral_penalty(source: Features, target: Features,
-                                 attention: Mapping[str, Tensor] | Sequence[Tensor],
-                                 channel_dim: ChannelDim = "auto") -> Tensor:
+def attention_behavioral_penalty(
+    source: Features,
+    target: Features,
+    attention: Mapping[str, Tensor] | Sequence[Tensor],
+    channel_dim: ChannelDim = "auto",
+) -> Tensor:
     """DELTA's attention-weighted penalty, tllib's value: Σ_layers ½·(c/S)·Σ_{n,ch} a[ch]·‖FM_t[n,ch] − FM_s[n,ch]‖².
 
     ``attention`` gives one vector of c weights per layer: by name (a mapping, as :func:`channel_attention` returns)
@@ -125,8 +150,12 @@ def attention_behavioral_penalty(source: Features, target: Features,
         keys = [k for k, _, _ in pairs]
         missing = [k for k in keys if k not in attention]
         if missing:
-            raise unknown_name_error("attention vector for layer", str(missing[0]), [str(k) for k in attention],
-                                     hint=f"(layers without attention: {missing})")
+            raise unknown_name_error(
+                "attention vector for layer",
+                str(missing[0]),
+                [str(k) for k in attention],
+                hint=f"(layers without attention: {missing})",
+            )
         weights = [attention[k] for k in keys]
     else:
         if len(attention) != len(pairs):
@@ -139,8 +168,10 @@ def attention_behavioral_penalty(source: Features, target: Features,
         a = torch.as_tensor(a)
         if a.dim() != 1 or a.numel() != c:
             hint = " ((b, tokens, d) features use the last dim; set channel_dim to change)" if t.dim() == 3 else ""
-            raise ValueError(f"layer {key!r}: attention has shape {tuple(a.shape)} but the features "
-                             f"{tuple(t.shape)} have {c} channels along dim {cdim}{hint}")
+            raise ValueError(
+                f"layer {key!r}: attention has shape {tuple(a.shape)} but the features "
+                f"{tuple(t.shape)} have {c} channels along dim {cdim}{hint}"
+            )
         diff = t - s.detach()
         spatial = diff.numel() // (diff.shape[0] * c)
         other = tuple(d for d in range(diff.dim()) if d != cdim)
@@ -153,13 +184,16 @@ def attention_behavioral_penalty(source: Features, target: Features,
 def _check_attention(attention: Tensor, where: str) -> Tensor:
     a = torch.as_tensor(attention)
     if a.dim() != 1 or a.numel() == 0:
-        raise ValueError(f"{where}: attention must be a non-empty 1-D tensor of per-channel weights, "
-                         f"got shape {tuple(a.shape)}")
+        raise ValueError(
+            f"{where}: attention must be a non-empty 1-D tensor of per-channel weights, got shape {tuple(a.shape)}"
+        )
     if not torch.is_floating_point(a):
         a = a.to(torch.get_default_dtype())
     if not torch.isfinite(a).all():
-        raise ValueError(f"{where}: attention has NaN or inf values (tllib's standardization gives NaN when all "
-                         f"channels have the same loss increase; finereg's gives uniform weights)")
+        raise ValueError(
+            f"{where}: attention has NaN or inf values (tllib's standardization gives NaN when all "
+            f"channels have the same loss increase; finereg's gives uniform weights)"
+        )
     return a.detach().clone()
 
 
@@ -191,8 +225,10 @@ class AttentionBehavioralPenalty(nn.Module):
             self.layer_names = None
             vectors = list(attention)
         else:
-            raise TypeError(f"attention must be a mapping layer name -> tensor or a sequence of tensors, "
-                            f"got {type(attention).__name__}")
+            raise TypeError(
+                f"attention must be a mapping layer name -> tensor or a sequence of tensors, "
+                f"got {type(attention).__name__}"
+            )
         if not vectors:
             raise ValueError("attention is empty: give one per-channel weight vector per regularized layer")
         if channel_dim != "auto" and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
@@ -238,8 +274,11 @@ class _Layer:
 
 
 def _resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Layer]:
-    names = name_list(layers, "layer names", "the convolution / linear layers whose channels to weigh, e.g. "
-                      "['layer3.0.conv1', 'layer4.1.conv2']")
+    names = name_list(
+        layers,
+        "layer names",
+        "the convolution / linear layers whose channels to weigh, e.g. ['layer3.0.conv1', 'layer4.1.conv2']",
+    )
     out = []
     for name in names:
         m = get_submodule(model, name)
@@ -248,9 +287,11 @@ def _resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Laye
         elif isinstance(m, nn.Linear):
             out.append(_Layer(name, strip_prefixes(name), m, m.out_features, -1))
         else:
-            raise TypeError(f"layer {name!r} is a {type(m).__name__}: channel attention removes output channel j "
-                            f"by setting weight[j] = 0, which needs a layer with output channels (Conv1d/2d/3d "
-                            f"with out_channels, or Linear with out_features)")
+            raise TypeError(
+                f"layer {name!r} is a {type(m).__name__}: channel attention removes output channel j "
+                f"by setting weight[j] = 0, which needs a layer with output channels (Conv1d/2d/3d "
+                f"with out_channels, or Linear with out_features)"
+            )
     return out
 
 
@@ -259,8 +300,10 @@ def _ablated(blocks: Tensor, layer: _Layer, idx: Tensor) -> Tensor:
     (``bias[j]`` or 0, what ``weight[j] = 0`` gives); index −1 ablates nothing."""
     cdim = 1 + layer.channel_dim % (blocks.dim() - 1)
     if blocks.shape[cdim] != layer.channels:
-        raise RuntimeError(f"layer {layer.name!r}: its output has shape {tuple(blocks.shape[1:])}, expected "
-                           f"{layer.channels} channels along dim {cdim - 1}")
+        raise RuntimeError(
+            f"layer {layer.name!r}: its output has shape {tuple(blocks.shape[1:])}, expected "
+            f"{layer.channels} channels along dim {cdim - 1}"
+        )
     shape = [1] * blocks.dim()
     shape[cdim] = layer.channels
     mask_shape = [idx.numel(), *shape[1:]]
@@ -277,8 +320,10 @@ def _ablate_blocks(out: Tensor, layer: _Layer, idx: Tensor, b: int) -> Tensor:
     """The layer output of the repeated batch, k blocks of b samples → the same with the ablations (hook strategy)."""
     k = idx.numel()
     if out.dim() < 2 or out.shape[0] != k * b:
-        raise RuntimeError(f"layer {layer.name!r}: expected its output to have {k}·{b} samples along dim 0 when "
-                           f"the input batch is repeated {k} times, got shape {tuple(out.shape)}")
+        raise RuntimeError(
+            f"layer {layer.name!r}: expected its output to have {k}·{b} samples along dim 0 when "
+            f"the input batch is repeated {k} times, got shape {tuple(out.shape)}"
+        )
     return _ablated(out.view(k, b, *out.shape[1:]), layer, idx).reshape(out.shape)
 
 
@@ -293,17 +338,21 @@ def _call(model: Callable, inputs: Any) -> Any:
 def _batch_size(inputs: Any) -> int:
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.dim() > 0]
     if not leaves:
-        raise TypeError(f"the inputs of a batch must be a tensor or a tuple/list/dict of tensors with a batch "
-                        f"dimension, got {type(inputs).__name__}")
+        raise TypeError(
+            f"the inputs of a batch must be a tensor or a tuple/list/dict of tensors with a batch "
+            f"dimension, got {type(inputs).__name__}"
+        )
     return leaves[0].shape[0]
 
 
 def _repeat(value: Any, k: int, b: int) -> Any:
     """Tensors with b samples along dim 0 → k copies stacked along dim 0 (a fresh tensor even for k = 1)."""
+
     def rep(t: Any) -> Any:
         if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == b:
             return t.repeat(k, *([1] * (t.dim() - 1)))
         return t
+
     return tree_map(rep, value)
 
 
@@ -319,17 +368,21 @@ class _LossFns:
     def __call__(self, outputs: Any, labels: Any) -> Tensor:
         loss = self.criterion(outputs, labels)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(f"criterion must return a scalar loss tensor (mean over the batch, as "
-                             f"nn.CrossEntropyLoss()), got {type(loss).__name__} "
-                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else loss!r}")
+            raise ValueError(
+                f"criterion must return a scalar loss tensor (mean over the batch, as "
+                f"nn.CrossEntropyLoss()), got {type(loss).__name__} "
+                f"{tuple(loss.shape) if isinstance(loss, Tensor) else loss!r}"
+            )
         return loss.reshape(())
 
     def blocks(self, outputs: Any, labels: Any, k: int, b: int) -> Tensor:
         leaves, spec = tree_flatten(outputs)
         for t in leaves:
             if isinstance(t, Tensor) and (t.dim() == 0 or t.shape[0] != k * b):
-                raise RuntimeError(f"the model output has shape {tuple(t.shape)} when {k} ablations of {b} samples "
-                                   f"are batched; expected {k * b} samples along dim 0")
+                raise RuntimeError(
+                    f"the model output has shape {tuple(t.shape)} when {k} ablations of {b} samples "
+                    f"are batched; expected {k * b} samples along dim 0"
+                )
         split = tree_unflatten([t.view(k, b, *t.shape[1:]) if isinstance(t, Tensor) else t for t in leaves], spec)
         if self._vmap_ok:
             try:
@@ -342,8 +395,10 @@ class _LossFns:
 
 def _cross_entropy(outputs: Any, labels: Tensor) -> Tensor:
     if not isinstance(outputs, Tensor):
-        raise TypeError(f"the default criterion (cross-entropy) needs the model to return a logits tensor, got "
-                        f"{type(outputs).__name__}; pass criterion=... that takes the model's output")
+        raise TypeError(
+            f"the default criterion (cross-entropy) needs the model to return a logits tensor, got "
+            f"{type(outputs).__name__}; pass criterion=... that takes the model's output"
+        )
     return F.cross_entropy(outputs, labels)
 
 
@@ -413,33 +468,42 @@ def _descendants(roots: list[torch.fx.Node], include_roots: bool = False) -> set
 def _check_eval(model: nn.Module) -> None:
     training = [n or "<model>" for n, m in unwrap(model).named_modules() if m.training]
     if training:
-        raise ValueError(f"channel attention needs the model in eval mode, as tllib runs it (model.eval()): in "
-                         f"training mode BatchNorm batch statistics and dropout would make the batched channel "
-                         f"ablations differ from one ablation at a time (and BatchNorm would update its running "
-                         f"statistics). Modules in training mode: {training[:5]}{' ...' if len(training) > 5 else ''}. "
-                         f"Call model.eval() first")
+        raise ValueError(
+            f"channel attention needs the model in eval mode, as tllib runs it (model.eval()): in "
+            f"training mode BatchNorm batch statistics and dropout would make the batched channel "
+            f"ablations differ from one ablation at a time (and BatchNorm would update its running "
+            f"statistics). Modules in training mode: {training[:5]}{' ...' if len(training) > 5 else ''}. "
+            f"Call model.eval() first"
+        )
 
 
-def _exact_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, loss: _LossFns,
-                    chunk_size: int | None, max_batches: int | None, strategy: str) -> list[Tensor]:
+def _exact_increase(
+    model: nn.Module,
+    layers: list[_Layer],
+    batches: Iterable,
+    loss: _LossFns,
+    chunk_size: int | None,
+    max_batches: int | None,
+    strategy: str,
+) -> list[Tensor]:
     _check_eval(model)
     root = unwrap(model)
     splits: dict[str, _Split | None] = {}
     if strategy in ("auto", "split"):
         try:
-            gm = torch.fx.GraphModule(root, _LeafTracer(l.module for l in layers).trace(root))
+            gm = torch.fx.GraphModule(root, _LeafTracer(lyr.module for lyr in layers).trace(root))
         except Exception as e:
             if strategy == "split":
                 raise RuntimeError(f"strategy='split': torch.fx could not trace the model ({e})") from e
             gm = None
-        for l in layers:
+        for lyr in layers:
             try:
-                splits[l.name] = _Split(gm, l) if gm is not None else None
+                splits[lyr.name] = _Split(gm, lyr) if gm is not None else None
             except _CannotSplit as e:
                 if strategy == "split":
                     raise RuntimeError(f"strategy='split': {e}") from None
-                splits[l.name] = None
-    history = [torch.zeros(l.channels, dtype=torch.float64) for l in layers]
+                splits[lyr.name] = None
+    history = [torch.zeros(lyr.channels, dtype=torch.float64) for lyr in layers]
     n_batches = 0
     with torch.no_grad():
         for i, batch in enumerate(batches):
@@ -449,18 +513,18 @@ def _exact_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, l
             b = _batch_size(inputs)
             k = chunk_size or max(1, 1024 // b)
             loss0 = loss(_call(model, inputs), labels)
-            for li, l in enumerate(layers):
-                split = splits.get(l.name)
+            for li, lyr in enumerate(layers):
+                split = splits.get(lyr.name)
                 inc = None
                 if split is not None:
                     try:
-                        inc = _split_losses(split, l, inputs, labels, b, k, loss, loss0 if i == 0 else None) - loss0
+                        inc = _split_losses(split, lyr, inputs, labels, b, k, loss, loss0 if i == 0 else None) - loss0
                     except _CannotSplit as e:
                         if strategy == "split":
                             raise RuntimeError(f"strategy='split': {e}") from None
-                        splits[l.name] = None
+                        splits[lyr.name] = None
                 if inc is None:
-                    inc = _hook_losses(model, l, inputs, labels, b, k, loss) - loss0
+                    inc = _hook_losses(model, lyr, inputs, labels, b, k, loss) - loss0
                 # tllib's running mean: h_i = (i·h_{i-1} + d_i) / (i + 1), in float64
                 history[li] = (i * history[li] + inc.detach().double().cpu()) / (i + 1)
             n_batches += 1
@@ -471,20 +535,25 @@ def _exact_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, l
 
 def _unpack(batch: Any, i: int) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch {i}: expected an (inputs, labels) pair, got {type(batch).__name__}"
-                        f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}")
+        raise TypeError(
+            f"batch {i}: expected an (inputs, labels) pair, got {type(batch).__name__}"
+            f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}"
+        )
     return batch[0], batch[1]
 
 
-def _split_losses(split: _Split, layer: _Layer, inputs: Any, labels: Any, b: int, k: int,
-                  loss: _LossFns, check: Tensor | None = None) -> Tensor:
+def _split_losses(
+    split: _Split, layer: _Layer, inputs: Any, labels: Any, b: int, k: int, loss: _LossFns, check: Tensor | None = None
+) -> Tensor:
     """Loss of every ablation of ``layer`` through the split model. With ``check`` (the unablated loss), the first
     chunk carries one extra block without ablation whose loss must equal it, or the split is rejected."""
     values = _call(split.prefix, inputs)
     for v, batched in zip(values, split.batched):
         if batched and not (isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b):
-            raise _CannotSplit(f"a value computed before layer {layer.name!r} and used after it depends on the batch "
-                               f"but is not a tensor with the batch along dim 0 ({type(v).__name__})")
+            raise _CannotSplit(
+                f"a value computed before layer {layer.name!r} and used after it depends on the batch "
+                f"but is not a tensor with the batch along dim 0 ({type(v).__name__})"
+            )
     y = values[split.layer_index]
     losses = torch.empty(layer.channels, dtype=y.dtype, device=y.device)
     for start in range(0, layer.channels, k):
@@ -492,8 +561,10 @@ def _split_losses(split: _Split, layer: _Layer, inputs: Any, labels: Any, b: int
         if check is not None and start == 0:  # index -1 matches no channel: the unablated model
             idx = torch.cat([idx.new_full((1,), -1), idx])
         kk = idx.numel()
-        args = [_ablate(y, layer, idx) if j == split.layer_index else (_repeat(v, kk, b) if batched else v)
-                for j, (v, batched) in enumerate(zip(values, split.batched))]
+        args = [
+            _ablate(y, layer, idx) if j == split.layer_index else (_repeat(v, kk, b) if batched else v)
+            for j, (v, batched) in enumerate(zip(values, split.batched))
+        ]
         try:
             block_losses = loss.blocks(split.suffix(*args), labels, kk, b)
         except RuntimeError as e:
@@ -502,16 +573,16 @@ def _split_losses(split: _Split, layer: _Layer, inputs: Any, labels: Any, b: int
             raise
         if check is not None and start == 0:
             if not torch.allclose(block_losses[0], check.to(block_losses), rtol=1e-4, atol=1e-6):
-                raise _CannotSplit(f"the split model gives loss {block_losses[0].item()} without ablation, "
-                                   f"the model {check.item()}")
+                raise _CannotSplit(
+                    f"the split model gives loss {block_losses[0].item()} without ablation, the model {check.item()}"
+                )
             block_losses = block_losses[1:]
             kk -= 1
-        losses[start:start + kk] = block_losses
+        losses[start : start + kk] = block_losses
     return losses
 
 
-def _hook_losses(model: nn.Module, layer: _Layer, inputs: Any, labels: Any, b: int, k: int,
-                 loss: _LossFns) -> Tensor:
+def _hook_losses(model: nn.Module, layer: _Layer, inputs: Any, labels: Any, b: int, k: int, loss: _LossFns) -> Tensor:
     current: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
@@ -530,10 +601,11 @@ def _hook_losses(model: nn.Module, layer: _Layer, inputs: Any, labels: Any, b: i
     return torch.cat(chunks)
 
 
-def _taylor_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, loss: _LossFns,
-                     max_batches: int | None) -> list[Tensor]:
+def _taylor_increase(
+    model: nn.Module, layers: list[_Layer], batches: Iterable, loss: _LossFns, max_batches: int | None
+) -> list[Tensor]:
     _check_eval(model)
-    captured: dict[str, list[Tensor]] = {l.name: [] for l in layers}
+    captured: dict[str, list[Tensor]] = {lyr.name: [] for lyr in layers}
 
     def make_hook(name: str) -> Callable:
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
@@ -541,10 +613,11 @@ def _taylor_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, 
                 out = out.detach().requires_grad_()
             captured[name].append(out)
             return out
+
         return hook
 
-    handles = [l.module.register_forward_hook(make_hook(l.name)) for l in layers]
-    history = [torch.zeros(l.channels, dtype=torch.float64) for l in layers]
+    handles = [lyr.module.register_forward_hook(make_hook(lyr.name)) for lyr in layers]
+    history = [torch.zeros(lyr.channels, dtype=torch.float64) for lyr in layers]
     n_batches = 0
     try:
         with torch.enable_grad():
@@ -555,24 +628,24 @@ def _taylor_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, 
                 for v in captured.values():
                     v.clear()
                 value = loss(_call(model, inputs), labels)
-                missing = [l.name for l in layers if not captured[l.name]]
+                missing = [lyr.name for lyr in layers if not captured[lyr.name]]
                 if missing:
                     raise RuntimeError(f"layers {missing} did not run in the model's forward")
-                outs = [o for l in layers for o in captured[l.name]]
+                outs = [o for lyr in layers for o in captured[lyr.name]]
                 grads = iter(torch.autograd.grad(value, outs, allow_unused=True))
-                for li, l in enumerate(layers):
+                for li, lyr in enumerate(layers):
                     inc = 0.0
-                    for out in captured[l.name]:
+                    for out in captured[lyr.name]:
                         g = next(grads)
                         if g is None:
                             continue
-                        cdim = l.channel_dim % out.dim()
+                        cdim = lyr.channel_dim % out.dim()
                         shape = [1] * out.dim()
-                        shape[cdim] = l.channels
+                        shape[cdim] = lyr.channels
                         other = tuple(d for d in range(out.dim()) if d != cdim)
                         # Δloss_j ≈ Σ ∂L/∂y_j · (ablated_j − y_j) = −Σ ∂L/∂W_j ⊙ W_j
-                        inc = inc + torch.sum(g * (l.fill(out).view(shape) - out.detach()), dim=other)
-                    inc = torch.as_tensor(inc, dtype=torch.float64).expand(l.channels)
+                        inc = inc + torch.sum(g * (lyr.fill(out).view(shape) - out.detach()), dim=other)
+                    inc = torch.as_tensor(inc, dtype=torch.float64).expand(lyr.channels)
                     history[li] = (i * history[li] + inc.detach().double().cpu()) / (i + 1)
                 n_batches += 1
     finally:
@@ -585,10 +658,17 @@ def _taylor_increase(model: nn.Module, layers: list[_Layer], batches: Iterable, 
     return history
 
 
-def channel_importance(model: nn.Module, layers: str | Iterable[str], batches: Iterable,
-                       criterion: Criterion | None = None, *, method: Literal["exact", "taylor"] = "exact",
-                       chunk_size: int | None = None, max_batches: int | None = None,
-                       strategy: Literal["auto", "split", "hook"] = "auto") -> OrderedDict[str, Tensor]:
+def channel_importance(
+    model: nn.Module,
+    layers: str | Iterable[str],
+    batches: Iterable,
+    criterion: Criterion | None = None,
+    *,
+    method: Literal["exact", "taylor"] = "exact",
+    chunk_size: int | None = None,
+    max_batches: int | None = None,
+    strategy: Literal["auto", "split", "hook"] = "auto",
+) -> OrderedDict[str, Tensor]:
     """Per-channel loss increase when each output channel of ``layers`` is removed (DELTA's raw channel weights).
 
     For each batch (inputs, labels) of ``batches`` (inputs: a tensor, a tuple of positional arguments or a dict of
@@ -625,29 +705,35 @@ def channel_importance(model: nn.Module, layers: str | Iterable[str], batches: I
         raise ValueError(f"strategy must be 'auto', 'split' or 'hook', got {strategy!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (ablations per forward), got {chunk_size!r}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     if isinstance(batches, (Tensor, str)) or not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable of (inputs, labels) pairs (a DataLoader, a list), "
-                        f"got {type(batches).__name__}")
+        raise TypeError(
+            f"batches must be an iterable of (inputs, labels) pairs (a DataLoader, a list), "
+            f"got {type(batches).__name__}"
+        )
     loss = _LossFns(criterion)
     if method == "exact":
         values = _exact_increase(model, resolved, batches, loss, chunk_size, max_batches, strategy)
     else:
         values = _taylor_increase(model, resolved, batches, loss, max_batches)
-    return OrderedDict((l.name, v) for l, v in zip(resolved, values))
+    return OrderedDict((lyr.name, v) for lyr, v in zip(resolved, values))
 
 
-def attention_from_importance(importance: Mapping[str, Tensor] | Sequence[Tensor], temperature: float = 5.0
-                              ) -> Any:
+def attention_from_importance(importance: Mapping[str, Tensor] | Sequence[Tensor], temperature: float = 5.0) -> Any:
     """Per layer: standardize with the population std, then ``softmax(w / temperature)`` (tllib: temperature 5).
 
     Differs from tllib where every channel of a layer has the same loss increase (std 0): tllib divides by zero
     and returns NaN; here the attention is uniform (1/c). Returns the same container type as given.
     """
-    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0
-            and math.isfinite(temperature)):
+    if not (
+        isinstance(temperature, (int, float))
+        and not isinstance(temperature, bool)
+        and temperature > 0
+        and math.isfinite(temperature)
+    ):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
 
     def one(w: Tensor) -> Tensor:
@@ -663,10 +749,18 @@ def attention_from_importance(importance: Mapping[str, Tensor] | Sequence[Tensor
     return [one(v) for v in importance]
 
 
-def channel_attention(model: nn.Module, layers: str | Iterable[str], batches: Iterable,
-                      criterion: Criterion | None = None, *, method: Literal["exact", "taylor"] = "exact",
-                      temperature: float = 5.0, chunk_size: int | None = None, max_batches: int | None = None,
-                      strategy: Literal["auto", "split", "hook"] = "auto") -> OrderedDict[str, Tensor]:
+def channel_attention(
+    model: nn.Module,
+    layers: str | Iterable[str],
+    batches: Iterable,
+    criterion: Criterion | None = None,
+    *,
+    method: Literal["exact", "taylor"] = "exact",
+    temperature: float = 5.0,
+    chunk_size: int | None = None,
+    max_batches: int | None = None,
+    strategy: Literal["auto", "split", "hook"] = "auto",
+) -> OrderedDict[str, Tensor]:
     """DELTA's channel attention: :func:`channel_importance` then :func:`attention_from_importance`.
 
     Returns ``layer name → attention`` (each sums to 1) in the dtype of the model's parameters, on their device,
@@ -674,8 +768,16 @@ def channel_attention(model: nn.Module, layers: str | Iterable[str], batches: It
     backbone with a new head trained on the target data, :func:`train_attention_classifier`) in eval mode, on at most
     10 batches of 32; ``max_batches`` caps the batches here.
     """
-    imp = channel_importance(model, layers, batches, criterion, method=method, chunk_size=chunk_size,
-                             max_batches=max_batches, strategy=strategy)
+    imp = channel_importance(
+        model,
+        layers,
+        batches,
+        criterion,
+        method=method,
+        chunk_size=chunk_size,
+        max_batches=max_batches,
+        strategy=strategy,
+    )
     att = attention_from_importance(imp, temperature)
     ref = next(unwrap(model).parameters(), None)
     if ref is not None and ref.is_floating_point():
@@ -683,10 +785,19 @@ def channel_attention(model: nn.Module, layers: str | Iterable[str], batches: It
     return att
 
 
-def train_attention_classifier(model: nn.Module, head: str | nn.Module, batches: Iterable, *, epochs: int = 10,
-                               lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                               nesterov: bool = True, lr_decay_epochs: float = 6,
-                               criterion: Criterion | None = None) -> list[float]:
+def train_attention_classifier(
+    model: nn.Module,
+    head: str | nn.Module,
+    batches: Iterable,
+    *,
+    epochs: int = 10,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = True,
+    lr_decay_epochs: float = 6,
+    criterion: Criterion | None = None,
+) -> list[float]:
     """Train the new ``head`` of ``model`` on frozen pretrained features, as DELTA prescribes for its attention
     classifier; returns the mean loss of each epoch. ``model`` is trained in place.
 
@@ -727,8 +838,9 @@ def train_attention_classifier(model: nn.Module, head: str | nn.Module, batches:
         head_module.train()
         for p in root.parameters():
             p.requires_grad_(id(p) in head_ids)
-        opt = torch.optim.SGD(head_params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              nesterov=nesterov and momentum > 0)
+        opt = torch.optim.SGD(
+            head_params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov and momentum > 0
+        )
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(0.1) / lr_decay_epochs))
         history = []
         for _ in range(epochs):

@@ -7,6 +7,7 @@ with the same model and data finds the file and skips the forward passes; a chan
 changed option gives a new key and recomputes. Files are written atomically (a temporary file in the same
 folder, then ``os.replace``), so an interrupted run never leaves a half-written entry behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,13 +24,13 @@ from .._utils import atomic_write, unwrap
 __all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "atomic_torch_save", "cached"]
 
 
-def _update_tensor(h: "hashlib._Hash", t: Tensor) -> None:
+def _update_tensor(h: hashlib._Hash, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def _update_obj(h: "hashlib._Hash", obj: Any) -> None:
+def _update_obj(h: hashlib._Hash, obj: Any) -> None:
     """Hash tensors and (nested) tuples/lists/dicts of tensors and plain values."""
     if isinstance(obj, Tensor):
         _update_tensor(h, obj)

@@ -27,6 +27,7 @@ enqueue makes that assert vacuous; here a batch with more than K samples of a cl
 them, exactly what sequential enqueuing leaves), only the head rows of the batch's labels are scored against
 the queue, and DDP gathers keys from all ranks before enqueuing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,9 +58,17 @@ class BiTuningClassifier(nn.Module):
     The head is ``Linear(F, C)`` initialized N(0, 0.01²) with zero bias, the projector ``Linear(F, P)`` (tllib).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, projection_dim: int = 128, *,
-                 features_dim: int | None = None, pool: nn.Module | None = None,
-                 bottleneck: nn.Module | None = None, bottleneck_dim: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        projection_dim: int = 128,
+        *,
+        features_dim: int | None = None,
+        pool: nn.Module | None = None,
+        bottleneck: nn.Module | None = None,
+        bottleneck_dim: int | None = None,
+    ):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
@@ -73,8 +82,10 @@ class BiTuningClassifier(nn.Module):
         if features_dim is None:
             features_dim = getattr(backbone, "out_features", None)
             if not isinstance(features_dim, int):
-                raise ValueError("cannot tell the feature size: give features_dim=... (or a backbone with an "
-                                 "int attribute out_features)")
+                raise ValueError(
+                    "cannot tell the feature size: give features_dim=... (or a backbone with an "
+                    "int attribute out_features)"
+                )
         self.backbone = backbone
         self.pool_layer = nn.Identity() if pool is None else pool
         self.bottleneck = nn.Identity() if bottleneck is None else bottleneck
@@ -104,8 +115,9 @@ class BiTuningClassifier(nn.Module):
         return y, z, hn
 
 
-def bi_tuning_loss(y_q: Tensor, logits_z: Tensor, logits_y: Tensor, labels_c: Tensor, labels: Tensor,
-                   trade_off: float = 1.0) -> Tensor:
+def bi_tuning_loss(
+    y_q: Tensor, logits_z: Tensor, logits_y: Tensor, labels_c: Tensor, labels: Tensor, trade_off: float = 1.0
+) -> Tensor:
     """CE(y_q, labels) + trade_off · (KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)),
     the objective of tllib's Bi-Tuning example (``logits_*`` are log-probabilities from :class:`BiTuning`)."""
     kl = F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
@@ -163,27 +175,41 @@ class BiTuning(nn.Module):
     queue_z: Tensor
     queue_ptr: Tensor
 
-    def __init__(self, encoder_q: nn.Module, encoder_k: nn.Module | None = None, num_classes: int | None = None,
-                 K: int = 40, m: float = 0.999, T: float = 0.07, *, gather_keys: bool = True):
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        encoder_k: nn.Module | None = None,
+        num_classes: int | None = None,
+        K: int = 40,
+        m: float = 0.999,
+        T: float = 0.07,
+        *,
+        gather_keys: bool = True,
+    ):
         super().__init__()
         if not isinstance(encoder_q, nn.Module):
             raise TypeError(f"encoder_q must be an nn.Module, got {type(encoder_q).__name__}")
         inner = unwrap(encoder_q)
         head = getattr(inner, "head", None)
         if not isinstance(head, nn.Linear):
-            raise TypeError("encoder_q.head must be an nn.Linear (the classifier, read by the contrast on "
-                            "logits_y); use BiTuningClassifier")
+            raise TypeError(
+                "encoder_q.head must be an nn.Linear (the classifier, read by the contrast on "
+                "logits_y); use BiTuningClassifier"
+            )
         for attr in ("features_dim", "projection_dim"):
             if not isinstance(getattr(inner, attr, None), int):
                 raise TypeError(f"encoder_q needs an int attribute {attr} (use BiTuningClassifier)")
         if num_classes is None:
             num_classes = head.out_features
         if not isinstance(num_classes, int) or num_classes < 1 or num_classes != head.out_features:
-            raise ValueError(f"num_classes ({num_classes!r}) must be a positive int equal to the head's "
-                             f"out_features ({head.out_features})")
+            raise ValueError(
+                f"num_classes ({num_classes!r}) must be a positive int equal to the head's "
+                f"out_features ({head.out_features})"
+            )
         if head.in_features != inner.features_dim:
-            raise ValueError(f"encoder_q.features_dim ({inner.features_dim}) must match the head's "
-                             f"in_features ({head.in_features})")
+            raise ValueError(
+                f"encoder_q.features_dim ({inner.features_dim}) must match the head's in_features ({head.in_features})"
+            )
         if not isinstance(K, int) or isinstance(K, bool) or K < 1:
             raise ValueError(f"K (keys per class) must be a positive int, got {K!r}")
         if not 0.0 <= m <= 1.0:
@@ -245,17 +271,21 @@ class BiTuning(nn.Module):
             raise ValueError("labels must be a 1-D integer tensor")
         b = labels.shape[0]
         if im_q.shape[0] != b or im_k.shape[0] != b:
-            raise ValueError(f"im_q, im_k and labels must have the same batch size, got {im_q.shape[0]}, "
-                             f"{im_k.shape[0]} and {b}")
+            raise ValueError(
+                f"im_q, im_k and labels must have the same batch size, got {im_q.shape[0]}, {im_k.shape[0]} and {b}"
+            )
         if b and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes - 1}, got range [{int(labels.min())}, {int(labels.max())}]"
+            )
         labels = labels.long()
         C, K = self.num_classes, self.K
         out = self.encoder_q(im_q)
         if not (isinstance(out, tuple) and len(out) == 3):
-            raise ValueError("encoder_q must return (y, z, hn) (a BiTuningClassifier in training mode); for "
-                             "predictions in eval mode call encoder_q directly")
+            raise ValueError(
+                "encoder_q must return (y, z, hn) (a BiTuningClassifier in training mode); for "
+                "predictions in eval mode call encoder_q directly"
+            )
         y_q, z_q, h_q = out
         with torch.no_grad():
             self._momentum_update_key_encoder()

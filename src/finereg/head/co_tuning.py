@@ -29,6 +29,7 @@ model's predictions on the target training data:
 
 Both are cached on disk under a key of the model's state and the data (:meth:`CategoryRelationship.from_loader`).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,16 @@ from torch import Tensor, nn
 from .._utils import unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 
-__all__ = ["co_tuning_loss", "CoTuningLoss", "direct_relationship", "reverse_relationship", "ReverseFit",
-           "collect_source_outputs", "CategoryRelationship", "CoTuning"]
+__all__ = [
+    "co_tuning_loss",
+    "CoTuningLoss",
+    "direct_relationship",
+    "reverse_relationship",
+    "ReverseFit",
+    "collect_source_outputs",
+    "CategoryRelationship",
+    "CoTuning",
+]
 
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -56,8 +65,10 @@ def co_tuning_loss(source_logits: Tensor, target_probs: Tensor) -> Tensor:
     if not (isinstance(source_logits, Tensor) and isinstance(target_probs, Tensor)):
         raise TypeError("source_logits and target_probs must be tensors")
     if source_logits.dim() != 2 or source_logits.shape != target_probs.shape:
-        raise ValueError("source_logits and target_probs must both be (batch, N_s) with the same shape, got "
-                         f"{tuple(source_logits.shape)} and {tuple(target_probs.shape)}")
+        raise ValueError(
+            "source_logits and target_probs must both be (batch, N_s) with the same shape, got "
+            f"{tuple(source_logits.shape)} and {tuple(target_probs.shape)}"
+        )
     return -(target_probs * F.log_softmax(source_logits, dim=-1)).sum(-1).mean()
 
 
@@ -74,11 +85,13 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
     if not isinstance(source, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"{what} and target_labels must be tensors")
     if source.dim() != 2 or not source.is_floating_point():
-        raise ValueError(f"{what} must be a floating (N, N_s) tensor, got {source.dtype} of shape "
-                         f"{tuple(source.shape)}")
+        raise ValueError(
+            f"{what} must be a floating (N, N_s) tensor, got {source.dtype} of shape {tuple(source.shape)}"
+        )
     if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"target_labels must be a 1-D integer tensor, got {labels.dtype} of shape "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"target_labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
     if len(labels) != len(source):
         raise ValueError(f"{what} has {len(source)} rows but there are {len(labels)} target labels")
     if len(labels) == 0:
@@ -93,26 +106,32 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
     elif not isinstance(num_target_classes, int) or num_target_classes < 1:
         raise ValueError(f"num_target_classes must be a positive int, got {num_target_classes!r}")
     elif hi >= num_target_classes:
-        raise ValueError(f"target label {hi} is out of range for num_target_classes={num_target_classes} "
-                         f"(labels must be in 0..{num_target_classes - 1})")
+        raise ValueError(
+            f"target label {hi} is out of range for num_target_classes={num_target_classes} "
+            f"(labels must be in 0..{num_target_classes - 1})"
+        )
     counts = torch.bincount(labels.cpu(), minlength=num_target_classes)
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
         shown = empty[:10] + (["..."] if len(empty) > 10 else [])
-        raise ValueError(f"target class(es) {shown} have no sample, so p(y_s | y_t) is undefined for them; "
-                         "every class 0..N_t-1 needs at least one sample (check the labels / num_target_classes)")
+        raise ValueError(
+            f"target class(es) {shown} have no sample, so p(y_s | y_t) is undefined for them; "
+            "every class 0..N_t-1 needs at least one sample (check the labels / num_target_classes)"
+        )
     return num_target_classes
 
 
 def _check_probabilities(p: Tensor) -> None:
     if (p < 0).any() or not torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3):
-        raise ValueError("source_probabilities must be non-negative rows summing to 1; for raw model "
-                         "outputs pass inputs='logits'")
+        raise ValueError(
+            "source_probabilities must be non-negative rows summing to 1; for raw model outputs pass inputs='logits'"
+        )
 
 
 # ------------------------------------------------------------------------------------------ (a) direct
-def direct_relationship(source_probabilities: Tensor, target_labels: Tensor,
-                        num_target_classes: int | None = None) -> Tensor:
+def direct_relationship(
+    source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+) -> Tensor:
     """p(y_s | y_t = i) = mean of the source probabilities over the samples of target class i.
 
     Args:
@@ -125,8 +144,9 @@ def direct_relationship(source_probabilities: Tensor, target_labels: Tensor,
     """
     n_t = _check_inputs(source_probabilities, target_labels, num_target_classes, "source_probabilities")
     labels = target_labels.to(source_probabilities.device)
-    sums = source_probabilities.new_zeros(n_t, source_probabilities.shape[1]).index_add_(0, labels,
-                                                                                          source_probabilities)
+    sums = source_probabilities.new_zeros(n_t, source_probabilities.shape[1]).index_add_(
+        0, labels, source_probabilities
+    )
     counts = torch.bincount(labels, minlength=n_t).to(sums.dtype)
     return sums / counts[:, None]
 
@@ -166,8 +186,15 @@ def _stratified_split(labels: Tensor, n_t: int, fraction: float, generator: torc
 def _fit_logreg(x: Tensor, y: Tensor, n_t: int, l2: float, init: Tensor | None, max_iter: int) -> Tensor:
     """argmin_W mean CE(x Wᵀ, y) + (l2/2)‖W‖² by LBFGS (strong Wolfe); a convex problem."""
     w = (init.clone() if init is not None else x.new_zeros(n_t, x.shape[1])).requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
 
     def closure():
         opt.zero_grad()
@@ -183,8 +210,9 @@ def _fit_logreg(x: Tensor, y: Tensor, n_t: int, l2: float, init: Tensor | None, 
 def _calibrate_temperature(logits: Tensor, y: Tensor, max_iter: int) -> float:
     """argmin_T NLL(softmax(logits / T), y) over log T by LBFGS."""
     log_t = logits.new_zeros(()).requires_grad_(True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-10, tolerance_change=1e-14)
+    opt = torch.optim.LBFGS(
+        [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14
+    )
 
     def closure():
         opt.zero_grad()
@@ -197,10 +225,18 @@ def _calibrate_temperature(logits: Tensor, y: Tensor, max_iter: int) -> float:
     return float(torch.exp(log_t.detach()))
 
 
-def reverse_relationship(source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, *,
-                         inputs: str = "probabilities", l2_grid: Sequence[float] = DEFAULT_L2_GRID,
-                         holdout_fraction: float = 0.2, seed: int = 0, max_iter: int = 200,
-                         return_details: bool = False) -> Tensor | ReverseFit:
+def reverse_relationship(
+    source: Tensor,
+    target_labels: Tensor,
+    num_target_classes: int | None = None,
+    *,
+    inputs: str = "probabilities",
+    l2_grid: Sequence[float] = DEFAULT_L2_GRID,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 200,
+    return_details: bool = False,
+) -> Tensor | ReverseFit:
     """Co-Tuning's calibrated reverse approach: p(y_s | y_t) from a calibrated p(y_t | y_s) and Bayes' rule.
 
     Steps in the module docstring. Runs in float64 for float64 inputs, else float32.
@@ -237,8 +273,10 @@ def reverse_relationship(source: Tensor, target_labels: Tensor, num_target_class
 
     hold = _stratified_split(y.cpu(), n_t, holdout_fraction, torch.Generator().manual_seed(seed)).to(p.device)
     if not hold.any():
-        raise ValueError("no class has two or more samples, so nothing can be held out to choose the L2 "
-                         "strength and the temperature; give more samples or use direct_relationship")
+        raise ValueError(
+            "no class has two or more samples, so nothing can be held out to choose the L2 "
+            "strength and the temperature; give more samples or use direct_relationship"
+        )
     x_tr, y_tr, x_ho, y_ho = p[~hold], y[~hold], p[hold], y[hold]
 
     # choose λ on the held-out split: a warm-started path from strong to weak regularization
@@ -260,14 +298,14 @@ def reverse_relationship(source: Tensor, target_labels: Tensor, num_target_class
     relationship = (joint / joint.sum(0, keepdim=True)).T.contiguous()
     if not return_details:
         return relationship
-    return ReverseFit(relationship, target_given_source, source_marginal, w_all, best, temperature, nll,
-                      calibrated)
+    return ReverseFit(relationship, target_given_source, source_marginal, w_all, best, temperature, nll, calibrated)
 
 
 # ------------------------------------------------------------------------------------- data collection
 @torch.no_grad()
-def collect_source_outputs(model: nn.Module, loader: Iterable, device: torch.device | str | None = None
-                           ) -> tuple[Tensor, Tensor]:
+def collect_source_outputs(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
     """The pretrained (source) classifier's logits and the target labels over a loader of ``(x, y, ...)``
     batches, in eval mode under ``no_grad`` (the model's mode is restored). Returns float32/64 CPU logits
     (N, N_s) and int64 labels (N,)."""
@@ -327,28 +365,40 @@ class CategoryRelationship(nn.Module):
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
             raise ValueError("labels must be a 1-D integer tensor")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_target_classes):
-            raise ValueError(f"target labels must be in 0..{self.num_target_classes - 1} (the relationship has "
-                             f"{self.num_target_classes} target classes), got range "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"target labels must be in 0..{self.num_target_classes - 1} (the relationship has "
+                f"{self.num_target_classes} target classes), got range "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         return self.relationship[labels.to(self.relationship.device)]
 
     __getitem__ = forward
 
     @classmethod
-    def direct(cls, source_probabilities: Tensor, target_labels: Tensor,
-               num_target_classes: int | None = None) -> "CategoryRelationship":
+    def direct(
+        cls, source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+    ) -> CategoryRelationship:
         return cls(direct_relationship(source_probabilities, target_labels, num_target_classes))
 
     @classmethod
-    def reverse(cls, source: Tensor, target_labels: Tensor, num_target_classes: int | None = None,
-                **kwargs: Any) -> "CategoryRelationship":
+    def reverse(
+        cls, source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, **kwargs: Any
+    ) -> CategoryRelationship:
         return cls(reverse_relationship(source, target_labels, num_target_classes, **kwargs))
 
     @classmethod
-    def from_loader(cls, model: nn.Module, loader: Iterable, method: str = "reverse", *,
-                    num_target_classes: int | None = None, device: torch.device | str | None = None,
-                    cache_dir: str | os.PathLike | None = None, data_key: str | None = None,
-                    **reverse_kwargs: Any) -> "CategoryRelationship":
+    def from_loader(
+        cls,
+        model: nn.Module,
+        loader: Iterable,
+        method: str = "reverse",
+        *,
+        num_target_classes: int | None = None,
+        device: torch.device | str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        data_key: str | None = None,
+        **reverse_kwargs: Any,
+    ) -> CategoryRelationship:
         """Run the pretrained classifier ``model`` over the target ``loader`` (deterministic transforms) and
         learn the relationship with ``method`` (``'direct'`` or ``'reverse'``).
 
@@ -373,9 +423,14 @@ class CategoryRelationship(nn.Module):
 
         key = ""
         if cache_dir is not None:
-            key = make_key("co-tuning-relationship", module_fingerprint(unwrap(model)),
-                           data_key if data_key is not None else loader_fingerprint(loader), method,
-                           num_target_classes, {k: reverse_kwargs[k] for k in sorted(reverse_kwargs)})
+            key = make_key(
+                "co-tuning-relationship",
+                module_fingerprint(unwrap(model)),
+                data_key if data_key is not None else loader_fingerprint(loader),
+                method,
+                num_target_classes,
+                {k: reverse_kwargs[k] for k in sorted(reverse_kwargs)},
+            )
         return cls(cached(cache_dir, f"relationship-{method}", key, compute)["relationship"])
 
 
@@ -389,13 +444,16 @@ class CoTuning(nn.Module):
 
     def __init__(self, relationship: CategoryRelationship | Tensor):
         super().__init__()
-        self.relationship = (relationship if isinstance(relationship, CategoryRelationship)
-                             else CategoryRelationship(relationship))
+        self.relationship = (
+            relationship if isinstance(relationship, CategoryRelationship) else CategoryRelationship(relationship)
+        )
 
     def forward(self, source_logits: Tensor, target_labels: Tensor) -> Tensor:
         if source_logits.dim() != 2 or source_logits.shape[1] != self.relationship.num_source_classes:
-            raise ValueError(f"source_logits must be (batch, {self.relationship.num_source_classes}) to match the "
-                             f"relationship's source classes, got {tuple(source_logits.shape)}")
+            raise ValueError(
+                f"source_logits must be (batch, {self.relationship.num_source_classes}) to match the "
+                f"relationship's source classes, got {tuple(source_logits.shape)}"
+            )
         if len(target_labels) != len(source_logits):
             raise ValueError(f"{len(source_logits)} source outputs but {len(target_labels)} target labels")
         target = self.relationship(target_labels).to(device=source_logits.device, dtype=source_logits.dtype)

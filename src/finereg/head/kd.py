@@ -8,6 +8,7 @@ tllib's ``KnowledgeDistillationLoss`` value exactly: it has **no T² factor**. H
 that the gradient's magnitude does not shrink as 1/T² when the temperature grows (keeping the balance with a
 hard-label loss the same across temperatures); ``t2_scaling=True`` gives that form, T² · KD_T.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -25,8 +26,13 @@ def _check_options(T: float, reduction: str) -> None:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, reduction: str = "batchmean",
-            t2_scaling: bool = False) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    T: float = 1.0,
+    reduction: str = "batchmean",
+    t2_scaling: bool = False,
+) -> Tensor:
     """KL(softmax(teacher/T) ‖ softmax(student/T)) over the last dimension (see module docstring).
 
     Args:
@@ -41,13 +47,15 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float = 1.0, redu
     if not (isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor)):
         raise TypeError("student_logits and teacher_logits must be tensors")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
-        raise ValueError("logits need a class dimension (the last one); got shape "
-                         f"{tuple(student_logits.shape)}")
-    loss = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1),
-                    reduction=reduction)
+        raise ValueError(f"logits need a class dimension (the last one); got shape {tuple(student_logits.shape)}")
+    loss = F.kl_div(
+        F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1), reduction=reduction
+    )
     return loss * (T * T) if t2_scaling else loss
 
 

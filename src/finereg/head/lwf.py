@@ -19,6 +19,7 @@ Pieces:
 * :class:`IndexedDataset` — wraps a dataset so each item also carries its index (for shuffled training).
 * :meth:`LwFClassifier.param_groups` — ``[{backbone, lr}, {heads, 10·lr}]``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,14 +50,21 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
         return nn.Linear(head_source.in_features, num_classes, bias=head_source.bias is not None)
     linears = [name for name, m in head_source.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"cannot build a target head like {type(head_source).__name__}: it has no nn.Linear "
-                         "layer to resize; pass head_target=... explicitly")
+        raise ValueError(
+            f"cannot build a target head like {type(head_source).__name__}: it has no nn.Linear "
+            "layer to resize; pass head_target=... explicitly"
+        )
     head = copy.deepcopy(head_source)
     last = get_submodule(head, linears[-1])
     parent_name, _, child = linears[-1].rpartition(".")
     parent = get_submodule(head, parent_name) if parent_name else head
-    setattr(parent, child, nn.Linear(last.in_features, num_classes, bias=last.bias is not None).to(
-        device=last.weight.device, dtype=last.weight.dtype))
+    setattr(
+        parent,
+        child,
+        nn.Linear(last.in_features, num_classes, bias=last.bias is not None).to(
+            device=last.weight.device, dtype=last.weight.dtype
+        ),
+    )
     return head
 
 
@@ -81,9 +89,16 @@ class LwFClassifier(nn.Module):
         pool: optional module applied to the backbone's output before both heads (e.g. pooling + flatten).
     """
 
-    def __init__(self, backbone: nn.Module, head_source: nn.Module, num_classes: int | None = None, *,
-                 head_target: nn.Module | None = None, bottleneck: nn.Module | None = None,
-                 pool: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head_source: nn.Module,
+        num_classes: int | None = None,
+        *,
+        head_target: nn.Module | None = None,
+        bottleneck: nn.Module | None = None,
+        pool: nn.Module | None = None,
+    ):
         super().__init__()
         for name, m in (("backbone", backbone), ("head_source", head_source)):
             if not isinstance(m, nn.Module):
@@ -114,8 +129,9 @@ class LwFClassifier(nn.Module):
         """The source head's output only, head_source(pool(backbone(x)))."""
         return self.head_source(self.pool_layer(self.backbone(x)))
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0,
-                     source_head_lr_mult: float | None = None) -> list[dict]:
+    def param_groups(
+        self, lr: float, head_lr_mult: float = 10.0, source_head_lr_mult: float | None = None
+    ) -> list[dict]:
         """Optimizer parameter groups: backbone at ``lr``; bottleneck and target head at ``head_lr_mult·lr``
         (default 10×); the source head at ``source_head_lr_mult·lr`` (default: same as the heads; 0 leaves
         it out of the optimizer, i.e. frozen). Empty groups are dropped."""
@@ -124,17 +140,21 @@ class LwFClassifier(nn.Module):
         src_mult = head_lr_mult if source_head_lr_mult is None else source_head_lr_mult
         groups = [
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {"params": [p for m in (self.bottleneck, self.head_target) for p in m.parameters() if p.requires_grad],
-             "lr": head_lr_mult * lr},
+            {
+                "params": [p for m in (self.bottleneck, self.head_target) for p in m.parameters() if p.requires_grad],
+                "lr": head_lr_mult * lr,
+            },
         ]
         if src_mult:
-            groups.append({"params": [p for p in self.head_source.parameters() if p.requires_grad],
-                           "lr": src_mult * lr})
+            groups.append(
+                {"params": [p for p in self.head_source.parameters() if p.requires_grad], "lr": src_mult * lr}
+            )
         return [g for g in groups if g["params"]]
 
     @classmethod
-    def from_torchvision(cls, model: nn.Module, num_classes: int, head_name: str | None = None,
-                         copy_model: bool = True) -> "LwFClassifier":
+    def from_torchvision(
+        cls, model: nn.Module, num_classes: int, head_name: str | None = None, copy_model: bool = True
+    ) -> LwFClassifier:
         """Split a torchvision-style classifier: the submodule ``head_name`` (default: the first of ``fc``,
         ``classifier``, ``heads``, ``head`` that exists) becomes the source head and is replaced by
         ``nn.Identity`` in the backbone (so the backbone's forward returns the head's input). The model is
@@ -143,8 +163,10 @@ class LwFClassifier(nn.Module):
         if head_name is None:
             found = [n for n in _TORCHVISION_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
             if not found:
-                raise ValueError(f"could not find the classifier head of {type(model).__name__} (looked for "
-                                 f"{', '.join(_TORCHVISION_HEAD_NAMES)}); pass head_name=...")
+                raise ValueError(
+                    f"could not find the classifier head of {type(model).__name__} (looked for "
+                    f"{', '.join(_TORCHVISION_HEAD_NAMES)}); pass head_name=..."
+                )
             head_name = found[0]
         backbone = copy.deepcopy(model) if copy_model else model
         head = get_submodule(backbone, head_name)
@@ -153,24 +175,27 @@ class LwFClassifier(nn.Module):
         return cls(backbone, head, num_classes)
 
     @classmethod
-    def from_timm(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> "LwFClassifier":
+    def from_timm(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
         """Split a timm model: ``get_classifier()`` is the source head; the backbone is the model after
         ``reset_classifier(0)`` (its forward = ``forward_features`` + ``forward_head(pre_logits=True)``)."""
         model = unwrap(model)
         if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):
-            raise TypeError(f"{type(model).__name__} is not a timm model (no get_classifier/reset_classifier); "
-                            "use LwFClassifier.from_torchvision or LwFClassifier(backbone, head_source, ...)")
+            raise TypeError(
+                f"{type(model).__name__} is not a timm model (no get_classifier/reset_classifier); "
+                "use LwFClassifier.from_torchvision or LwFClassifier(backbone, head_source, ...)"
+            )
         head = model.get_classifier()
         if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
-            raise ValueError("the timm model has no classifier head (created with num_classes=0?); LwF needs "
-                             "the pretrained head")
+            raise ValueError(
+                "the timm model has no classifier head (created with num_classes=0?); LwF needs the pretrained head"
+            )
         head = copy.deepcopy(head)
         backbone = copy.deepcopy(model) if copy_model else model
         backbone.reset_classifier(0)
         return cls(backbone, head, num_classes)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> "LwFClassifier":
+    def from_pretrained(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
         """:meth:`from_timm` for timm models, else :meth:`from_torchvision`."""
         if hasattr(unwrap(model), "reset_classifier"):
             return cls.from_timm(model, num_classes, copy_model)
@@ -202,11 +227,13 @@ def _batch_parts(batch: Any) -> tuple[Tensor, Tensor | None]:
         if idx is not None:
             idx = torch.as_tensor(idx)
             if idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool) or idx.dim() != 1:
-                raise ValueError("the third item of a batch must be the 1-D integer sample indices "
-                                 "(see IndexedDataset)")
+                raise ValueError(
+                    "the third item of a batch must be the 1-D integer sample indices (see IndexedDataset)"
+                )
         return batch[0], idx
-    raise TypeError("a batch must be a tensor of inputs or a tuple (inputs, labels[, indices]), got "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        f"a batch must be a tensor of inputs or a tuple (inputs, labels[, indices]), got {type(batch).__name__}"
+    )
 
 
 def _is_shuffled(loader: Iterable) -> bool:
@@ -215,8 +242,14 @@ def _is_shuffled(loader: Iterable) -> bool:
 
 
 @torch.no_grad()
-def record_source_predictions(model: nn.Module, loader: Iterable, *, device: torch.device | str | None = None,
-                              cache_dir: str | os.PathLike | None = None, data_key: str | None = None) -> Tensor:
+def record_source_predictions(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    data_key: str | None = None,
+) -> Tensor:
     """The pretrained model's outputs (logits) on the target data, row i = sample index i (LwF's y_o).
 
     Run before training, with deterministic transforms. The model runs in eval mode under ``no_grad`` (its
@@ -252,8 +285,10 @@ def record_source_predictions(model: nn.Module, loader: Iterable, *, device: tor
                 x, idx = _batch_parts(batch)
                 if idx is None:
                     if _is_shuffled(loader):
-                        raise ValueError("the loader shuffles but its batches carry no sample indices: use "
-                                         "shuffle=False or wrap the dataset in IndexedDataset")
+                        raise ValueError(
+                            "the loader shuffles but its batches carry no sample indices: use "
+                            "shuffle=False or wrap the dataset in IndexedDataset"
+                        )
                     idx = torch.arange(seen, seen + x.shape[0])
                 seen += x.shape[0]
                 outs.append(forward(x.to(device)).float().cpu())
@@ -265,8 +300,10 @@ def record_source_predictions(model: nn.Module, loader: Iterable, *, device: tor
         out, idx = torch.cat(outs), torch.cat(idxs)
         n = int(idx.max()) + 1
         if idx.min() < 0 or len(idx) != n or torch.bincount(idx, minlength=n).ne(1).any():
-            raise ValueError(f"sample indices must cover 0..N-1 exactly once; got {len(idx)} samples with "
-                             f"indices in [{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"sample indices must cover 0..N-1 exactly once; got {len(idx)} samples with "
+                f"indices in [{int(idx.min())}, {int(idx.max())}]"
+            )
         table = torch.empty_like(out)
         table[idx] = out
         return {"predictions": table}
@@ -275,6 +312,9 @@ def record_source_predictions(model: nn.Module, loader: Iterable, *, device: tor
     if cache_dir is not None:
         if data_key is not None and not isinstance(data_key, str):
             raise TypeError("data_key must be a string")
-        key = make_key("lwf-source-predictions", module_fingerprint(model),
-                       data_key if data_key is not None else loader_fingerprint(loader))
+        key = make_key(
+            "lwf-source-predictions",
+            module_fingerprint(model),
+            data_key if data_key is not None else loader_fingerprint(loader),
+        )
     return cached(cache_dir, "lwf-source", key or "", compute)["predictions"]

@@ -28,6 +28,7 @@ weight's frozen entries are bit-identical. Registered *before* one, the frozen e
 fixed; for a per-output-unit reparametrization such as standardization, the effective weight of whole
 frozen units is then fixed too, but entries of a partly frozen unit move with that unit's statistics.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,8 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from finereg._utils import get_submodule, unknown_name_error, unwrap
-from finereg.weight.groups import matrix_to_weight, matrix_view
+from .._utils import get_submodule, unknown_name_error, unwrap
+from ..weight.groups import matrix_to_weight, matrix_view
 
 __all__ = ["PartialFreeze", "freeze", "unfreeze", "frozen_mask"]
 
@@ -104,9 +105,13 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
     try:
         idx = torch.as_tensor(units)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(f"frozen must be a bool mask or a sequence of output-unit indices, got {type(units).__name__}") from e
+        raise TypeError(
+            f"frozen must be a bool mask or a sequence of output-unit indices, got {type(units).__name__}"
+        ) from e
     if idx.dim() != 1 or (idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex())):
-        raise TypeError(f"output-unit indices must be a 1-D sequence of ints, got {idx.dtype} of shape {tuple(idx.shape)}")
+        raise TypeError(
+            f"output-unit indices must be a 1-D sequence of ints, got {idx.dtype} of shape {tuple(idx.shape)}"
+        )
     idx = idx.long()
     if like.dim() == 1:
         n_units, mat = like.shape[0], torch.zeros(like.shape[0], 1, dtype=torch.bool, device=like.device)
@@ -115,8 +120,10 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
         n_units = mat.shape[0]
     bad = idx[(idx < -n_units) | (idx >= n_units)]
     if bad.numel():
-        raise IndexError(f"output-unit index {int(bad[0])} is out of range for {name} with {n_units} output units "
-                         f"(valid: 0..{n_units - 1}, or negative from the end)")
+        raise IndexError(
+            f"output-unit index {int(bad[0])} is out of range for {name} with {n_units} output units "
+            f"(valid: 0..{n_units - 1}, or negative from the end)"
+        )
     mat[idx.to(like.device)] = True
     return mat.reshape(like.shape) if like.dim() == 1 else matrix_to_weight(mat, like, module, name)
 
@@ -124,17 +131,23 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
 def _make_mask(module: nn.Module, name: str, like: Tensor, frozen) -> Tensor:
     if isinstance(frozen, Tensor) and frozen.dtype == torch.bool:
         if frozen.shape != like.shape:
-            raise ValueError(f"frozen mask has shape {tuple(frozen.shape)} but {name} has shape {tuple(like.shape)}; "
-                             "pass a bool mask of the parameter's shape, or a list of output-unit indices")
+            raise ValueError(
+                f"frozen mask has shape {tuple(frozen.shape)} but {name} has shape {tuple(like.shape)}; "
+                "pass a bool mask of the parameter's shape, or a list of output-unit indices"
+            )
         return frozen.to(like.device)
     if isinstance(frozen, Tensor) and frozen.shape == like.shape and like.dim() > 1:
-        raise TypeError(f"frozen mask must have dtype torch.bool (True = frozen), got {frozen.dtype}; "
-                        "use mask.bool() (or mask != 0)")
+        raise TypeError(
+            f"frozen mask must have dtype torch.bool (True = frozen), got {frozen.dtype}; "
+            "use mask.bool() (or mask != 0)"
+        )
     if isinstance(frozen, Tensor) and frozen.is_floating_point():
         raise TypeError(f"frozen must be a bool mask or integer output-unit indices, got a {frozen.dtype} tensor")
     if not isinstance(frozen, (Tensor, Sequence, range)) or isinstance(frozen, str):
-        raise TypeError(f"frozen must be a bool mask of the parameter's shape or a sequence of output-unit indices, "
-                        f"got {type(frozen).__name__}")
+        raise TypeError(
+            f"frozen must be a bool mask of the parameter's shape or a sequence of output-unit indices, "
+            f"got {type(frozen).__name__}"
+        )
     return _units_mask(module, name, like, frozen)
 
 
@@ -203,10 +216,13 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
                     f"cannot unfreeze {type(module).__name__}.{name}: freezing sits after {type(inner).__name__}, "
                     "which has no right_inverse to write the frozen values through. Remove the other "
                     "parametrizations first (torch.nn.utils.parametrize.remove_parametrizations(module, name) "
-                    "keeps the effective weight), or freeze before registering them")
+                    "keeps the effective weight), or freeze before registering them"
+                )
             value = inner.right_inverse(value)
             if not isinstance(value, Tensor):
-                raise ValueError(f"{type(inner).__name__}.right_inverse returns several tensors; cannot unfreeze through it")
+                raise ValueError(
+                    f"{type(inner).__name__}.right_inverse returns several tensors; cannot unfreeze through it"
+                )
         plist.original.copy_(value)
     del plist[i]
     return module

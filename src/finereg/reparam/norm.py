@@ -7,6 +7,7 @@ GroupNorm normalizes each sample over groups of C/G channels (and all spatial po
 so it does not depend on the batch (small per-device batches, no running statistics). With weight
 standardization, GN+WS matches BN at large batch and beats it at small batch (Qiao et al. 2019).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from finereg._utils import unwrap
-from finereg.reparam.standardize import ConversionReport, select_modules
+from .._utils import unwrap
+from .standardize import ConversionReport, select_modules
 
 __all__ = ["batchnorm_to_groupnorm"]
 
@@ -27,9 +28,16 @@ def _divisors_near(c: int, target: int, n: int = 4) -> list[int]:
     return sorted(sorted(divs, key=lambda d: (abs(d - target), -d))[:n])
 
 
-def batchnorm_to_groupnorm(model: nn.Module, num_groups: int | None = 32, *, channels_per_group: int | None = None,
-                           include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                           eps: float | None = None, copy_affine: bool = True) -> ConversionReport:
+def batchnorm_to_groupnorm(
+    model: nn.Module,
+    num_groups: int | None = 32,
+    *,
+    channels_per_group: int | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    eps: float | None = None,
+    copy_affine: bool = True,
+) -> ConversionReport:
     """Replace, in place, every BatchNorm{1,2,3}d / SyncBatchNorm of ``model`` by a ``nn.GroupNorm``.
 
     The GroupNorm keeps the channel count, ``affine`` flag, device and dtype of the BatchNorm it replaces;
@@ -49,8 +57,10 @@ def batchnorm_to_groupnorm(model: nn.Module, num_groups: int | None = 32, *, cha
     divisible. Returns a :class:`ConversionReport`.
     """
     if (num_groups is None) == (channels_per_group is None):
-        raise ValueError("give exactly one of num_groups and channels_per_group "
-                         "(e.g. num_groups=32, or num_groups=None, channels_per_group=16)")
+        raise ValueError(
+            "give exactly one of num_groups and channels_per_group "
+            "(e.g. num_groups=32, or num_groups=None, channels_per_group=16)"
+        )
     for label, v in (("num_groups", num_groups), ("channels_per_group", channels_per_group)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{label} must be a positive int, got {v!r}")
@@ -58,8 +68,10 @@ def batchnorm_to_groupnorm(model: nn.Module, num_groups: int | None = 32, *, cha
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     root = unwrap(model)
     if isinstance(root, _BN):
-        raise ValueError("model is itself a BatchNorm layer; it cannot be replaced in place. "
-                         "Build nn.GroupNorm directly or pass the model that contains it")
+        raise ValueError(
+            "model is itself a BatchNorm layer; it cannot be replaced in place. "
+            "Build nn.GroupNorm directly or pass the model that contains it"
+        )
     chosen = select_modules(model, lambda m: isinstance(m, _BN), include, exclude, kind="BatchNorm layer")
 
     # check every layer first, so that an error leaves the model unchanged
@@ -72,12 +84,14 @@ def batchnorm_to_groupnorm(model: nn.Module, num_groups: int | None = 32, *, cha
                 raise ValueError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by num_groups={g}; "
                     f"group counts that divide {c} near {g}: {_divisors_near(c, g)} "
-                    "(or pass channels_per_group=..., or exclude this layer)")
+                    "(or pass channels_per_group=..., or exclude this layer)"
+                )
         else:
             if c % channels_per_group:
                 raise ValueError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by channels_per_group="
-                    f"{channels_per_group}; divisors of {c} near it: {_divisors_near(c, channels_per_group)}")
+                    f"{channels_per_group}; divisors of {c} near it: {_divisors_near(c, channels_per_group)}"
+                )
             g = c // channels_per_group
         plans.append((name, bn, g))
 

@@ -39,6 +39,7 @@ and its gradient is dL/dŴ instead of Jᵀ·dL/dŴ (which has zero row sums: WS 
 unit's weights); ``BatchNorm2d`` over the weight also normalizes per *input* channel (dim 1), not per
 output channel.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from finereg._utils import strip_prefixes, unknown_name_error, unwrap
+from .._utils import strip_prefixes, unknown_name_error, unwrap
 
 __all__ = ["WeightStandardization", "ConversionReport", "standardize", "bake", "VARIANTS"]
 
@@ -125,7 +126,8 @@ class _FusedStandardize(torch.autograd.Function):
                 out = _standardize_ops(leaf, (0, 2), None, ctx.eps, ctx.unbiased)
                 return torch.autograd.grad(out, leaf, g, create_graph=True)[0], None, None
         dx, _, _ = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(), v, bn_weight, None, None, mean, iota, True, 0.0, [True, False, False])
+            g.contiguous(), v, bn_weight, None, None, mean, iota, True, 0.0, [True, False, False]
+        )
         return dx, None, None
 
 
@@ -150,19 +152,35 @@ class WeightStandardization(nn.Module):
     Use :meth:`for_module` to build one for a layer, or :func:`standardize` for a whole model.
     """
 
-    def __init__(self, weight_shape: Sequence[int], variant: str = "ws", *, eps: float | None = None,
-                 transposed: bool = False, groups: int = 1, gamma: float = 1.0, gain_init: float = 1.0,
-                 cache_eval: bool = True, fused: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        variant: str = "ws",
+        *,
+        eps: float | None = None,
+        transposed: bool = False,
+        groups: int = 1,
+        gamma: float = 1.0,
+        gain_init: float = 1.0,
+        cache_eval: bool = True,
+        fused: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"unknown weight standardization variant {variant!r}; choose one of {list(VARIANTS)} "
-                             "('ws': paper, unbiased std + eps; 'bit': timm StdConv2d; 'scaled': timm ScaledStdConv2d)")
+            raise ValueError(
+                f"unknown weight standardization variant {variant!r}; choose one of {list(VARIANTS)} "
+                "('ws': paper, unbiased std + eps; 'bit': timm StdConv2d; 'scaled': timm ScaledStdConv2d)"
+            )
         shape = tuple(int(s) for s in weight_shape)
         if len(shape) < 2:
             raise ValueError(f"weight standardization needs a weight with ≥ 2 dims (conv / linear), got shape {shape}")
         if not isinstance(groups, int) or groups < 1 or (transposed and shape[0] % groups):
-            raise ValueError(f"groups={groups!r} does not fit a ConvTranspose weight of shape {shape} "
-                             "(in_channels must be divisible by groups)")
+            raise ValueError(
+                f"groups={groups!r} does not fit a ConvTranspose weight of shape {shape} "
+                "(in_channels must be divisible by groups)"
+            )
         eps = VARIANTS[variant] if eps is None else eps
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
             raise ValueError(f"eps must be a finite number > 0 (it keeps a constant unit finite), got {eps!r}")
@@ -175,8 +193,10 @@ class WeightStandardization(nn.Module):
         else:
             self.out_units, self.fan_in = shape[0], math.prod(shape[1:])
         if self.fan_in < 2:
-            raise ValueError(f"a weight of shape {shape} has a fan-in of {self.fan_in}: standardizing one weight per "
-                             "output unit gives 0 (or NaN for 'ws'); exclude this layer")
+            raise ValueError(
+                f"a weight of shape {shape} has a fan-in of {self.fan_in}: standardizing one weight per "
+                "output unit gives 0 (or NaN for 'ws'); exclude this layer"
+            )
         self.gamma = float(gamma)
         self.scale = self.gamma / math.sqrt(self.fan_in)  # γ/√fan_in, as timm's ScaledStdConv2d
         if variant == "scaled":
@@ -187,7 +207,9 @@ class WeightStandardization(nn.Module):
         self._cache: tuple | None = None
 
     @classmethod
-    def for_module(cls, module: nn.Module, variant: str = "ws", name: str = "weight", **kwargs) -> "WeightStandardization":
+    def for_module(
+        cls, module: nn.Module, variant: str = "ws", name: str = "weight", **kwargs
+    ) -> WeightStandardization:
         """A parametrization fitting ``getattr(module, name)`` (layout and groups read from ``module``)."""
         weight = getattr(module, name)
         transposed = bool(getattr(module, "transposed", False)) and name == "weight"
@@ -241,16 +263,23 @@ class WeightStandardization(nn.Module):
         if torch.is_grad_enabled() and (w.requires_grad or (gain is not None and gain.requires_grad)):
             return self.standardized(w)  # a gradient is needed: never reuse a graph
         try:  # in-place version counters (inference tensors have none)
-            key = (w._version, w.data_ptr()) if gain is None else (w._version, w.data_ptr(), gain._version,
-                                                                    gain.data_ptr())
+            key = (
+                (w._version, w.data_ptr())
+                if gain is None
+                else (w._version, w.data_ptr(), gain._version, gain.data_ptr())
+            )
         except RuntimeError:
             return self.standardized(w)
         c = self._cache
         # The cache keeps aliases of its sources: their storages cannot be freed and reused at the same
         # address while it lives, so an equal data_ptr means the same storage (a .to(), .data = ... swap gives
         # a new one), and equal versions mean no in-place change since.
-        if c is not None and c[0] == key and c[2].shape == w.shape and (
-                not c[2].is_inference() or torch.is_inference_mode_enabled()):
+        if (
+            c is not None
+            and c[0] == key
+            and c[2].shape == w.shape
+            and (not c[2].is_inference() or torch.is_inference_mode_enabled())
+        ):
             return c[2]
         with torch.no_grad():
             out = self.standardized(w)
@@ -261,7 +290,7 @@ class WeightStandardization(nn.Module):
         """Drop the eval-mode cache (done automatically by ``train()``)."""
         self._cache = None
 
-    def train(self, mode: bool = True) -> "WeightStandardization":
+    def train(self, mode: bool = True) -> WeightStandardization:
         self._cache = None
         return super().train(mode)
 
@@ -312,13 +341,16 @@ def _patterns(arg, label: str) -> list[str] | None:
     if isinstance(arg, str):
         arg = [arg]
     if not isinstance(arg, (list, tuple)) or not all(isinstance(p, str) for p in arg):
-        raise TypeError(f"{label} must be a glob pattern or a list of glob patterns over module names "
-                        f"(e.g. 'layer1.*' or ['conv1', '*.downsample.0']), got {arg!r}")
+        raise TypeError(
+            f"{label} must be a glob pattern or a list of glob patterns over module names "
+            f"(e.g. 'layer1.*' or ['conv1', '*.downsample.0']), got {arg!r}"
+        )
     return [strip_prefixes(p) for p in arg]
 
 
-def select_modules(model: nn.Module, is_candidate: Callable[[nn.Module], bool], include, exclude,
-                   kind: str, hint: str = "") -> list[tuple[str, nn.Module]]:
+def select_modules(
+    model: nn.Module, is_candidate: Callable[[nn.Module], bool], include, exclude, kind: str, hint: str = ""
+) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` of ``model`` that are candidates and match ``include`` and not ``exclude``.
 
     Every pattern must match at least one module name (a typo would silently change nothing); an
@@ -334,8 +366,12 @@ def select_modules(model: nn.Module, is_candidate: Callable[[nn.Module], bool], 
         for p in pats or []:
             hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
             if not hits:
-                raise unknown_name_error("module", p, [n for n in names if n],
-                                         hint=f"({label} patterns are globs over model.named_modules() names)")
+                raise unknown_name_error(
+                    "module",
+                    p,
+                    [n for n in names if n],
+                    hint=f"({label} patterns are globs over model.named_modules() names)",
+                )
             if label == "include" and not any(fnmatch.fnmatchcase(n, p) for n, _ in cand):
                 shown = ", ".join(f"{h!r} ({type(dict(named)[h]).__name__})" for h in hits[:5])
                 raise ValueError(f"include pattern {p!r} matches {shown} but no {kind}{hint}")
@@ -398,9 +434,18 @@ def _install_fast_getter(module: nn.Module, name: str = "weight") -> None:
     setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
 
 
-def standardize(model: nn.Module, variant: str = "ws", include: str | Sequence[str] | None = None,
-                exclude: str | Sequence[str] | None = None, *, linear: bool = False, eps: float | None = None,
-                gamma: float = 1.0, gain_init: float = 1.0, cache_eval: bool = True) -> ConversionReport:
+def standardize(
+    model: nn.Module,
+    variant: str = "ws",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    linear: bool = False,
+    eps: float | None = None,
+    gamma: float = 1.0,
+    gain_init: float = 1.0,
+    cache_eval: bool = True,
+) -> ConversionReport:
     """Weight-standardize, in place, the convolutions (and optionally Linear layers) of ``model``.
 
     Registers a :class:`WeightStandardization` parametrization on the ``weight`` of every Conv1d/2d/3d and
@@ -430,8 +475,14 @@ def standardize(model: nn.Module, variant: str = "ws", include: str | Sequence[s
         raise TypeError(f"linear must be True or False, got {linear!r}")
     types = _CONV + ((nn.Linear,) if linear else ())
     hint = "" if linear else " (nn.Linear layers are standardized only with linear=True)"
-    chosen = select_modules(model, lambda m: isinstance(m, types), include, exclude,
-                            kind="convolution" + (" or Linear layer" if linear else ""), hint=hint)
+    chosen = select_modules(
+        model,
+        lambda m: isinstance(m, types),
+        include,
+        exclude,
+        kind="convolution" + (" or Linear layer" if linear else ""),
+        hint=hint,
+    )
     report = ConversionReport(f"weight standardization ({variant!r})")
     for name, module in chosen:
         kind = type(module).__name__
@@ -439,15 +490,18 @@ def standardize(model: nn.Module, variant: str = "ws", include: str | Sequence[s
             report.skipped.append((name, f"{kind} already standardizes its weight"))
             continue
         if nn.parameter.is_lazy(module.weight):
-            raise ValueError(f"{name or 'the model'} ({kind}) is a lazy module with an uninitialized weight; run one "
-                             "forward pass (or materialize it) before standardize()")
+            raise ValueError(
+                f"{name or 'the model'} ({kind}) is a lazy module with an uninitialized weight; run one "
+                "forward pass (or materialize it) before standardize()"
+            )
         i = _ws_index(module)
         if i is not None:
             report.skipped.append((name, f"already standardized ({module.parametrizations.weight[i].variant!r})"))
             continue
         try:
-            ws = WeightStandardization.for_module(module, variant, eps=eps, gamma=gamma, gain_init=gain_init,
-                                                  cache_eval=cache_eval)
+            ws = WeightStandardization.for_module(
+                module, variant, eps=eps, gamma=gamma, gain_init=gain_init, cache_eval=cache_eval
+            )
         except ValueError as e:
             if "fan-in" in str(e):
                 report.skipped.append((name, f"fan-in {math.prod(module.weight.shape[1:])} < 2"))

@@ -6,6 +6,7 @@ final top-1 accuracy per method and rate, best mean in bold) and ``accuracy_vs_r
 Runs go in parallel processes of one thread each (tiny models run fastest that way on a CPU). Running the same
 command again with the same ``--out`` reuses finished runs and resumes interrupted ones.
 """
+
 from __future__ import annotations
 
 import csv
@@ -78,10 +79,17 @@ def _one(cfg: FitConfig) -> dict | None:
     t0 = time.perf_counter()
     res = fit(cfg, log=lambda msg: None, on_step=_check_stop)
     f = res.final
-    return {"method": cfg.method, "sample_rate": cfg.sample_rate, "seed": cfg.seed,
-            "top1": f.get("val_top1", math.nan), "mean_class_acc": f.get("val_mean_class_acc", math.nan),
-            "epochs": res.epochs_done, "seconds": round(time.perf_counter() - t0, 2), "interrupted": res.interrupted,
-            "run_dir": str(run_dir)}
+    return {
+        "method": cfg.method,
+        "sample_rate": cfg.sample_rate,
+        "seed": cfg.seed,
+        "top1": f.get("val_top1", math.nan),
+        "mean_class_acc": f.get("val_mean_class_acc", math.nan),
+        "epochs": res.epochs_done,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "interrupted": res.interrupted,
+        "run_dir": str(run_dir),
+    }
 
 
 _STOP = None  # in a worker process: the bench's stop event
@@ -98,6 +106,7 @@ def _init_worker(stop) -> None:
     import signal
 
     import torch
+
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _STOP = stop
@@ -124,10 +133,11 @@ def summarize(rows: list[dict]) -> list[dict]:
 def markdown_table(summary: list[dict], methods: list[str], rates: list[float], key: str = "top1") -> str:
     """Rows = methods, columns = sampling rates (+ their average), cells = mean ± std; best mean in bold."""
     cell = {(s["method"], s["sample_rate"]): s for s in summary}
-    best = {rate: max((cell[(m, rate)][f"{key}_mean"] for m in methods if (m, rate) in cell), default=None)
-            for rate in rates}
-    lines = ["| method | " + " | ".join(f"{r:g}%" for r in rates) + " | avg |",
-             "|---|" + "---|" * (len(rates) + 1)]
+    best = {
+        rate: max((cell[(m, rate)][f"{key}_mean"] for m in methods if (m, rate) in cell), default=None)
+        for rate in rates
+    }
+    lines = ["| method | " + " | ".join(f"{r:g}%" for r in rates) + " | avg |", "|---|" + "---|" * (len(rates) + 1)]
     for m in methods:
         cells, means = [], []
         for rate in rates:
@@ -147,6 +157,7 @@ def markdown_table(summary: list[dict], methods: list[str], rates: list[float], 
 def plot(summary: list[dict], methods: list[str], path: str | os.PathLike, title: str = "") -> Path:
     """``accuracy_vs_rate.png``: mean top-1 (± std as error bars) vs sampling rate, one line per method."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -194,12 +205,20 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     base = dataclasses.replace(cfg.base, progress=False, tensorboard=False, resume=False, overwrite=False)
     if base.arch == "builtin" and base.weights in (None, "builtin"):
         from .builtin import pretrained_state
+
         pretrained_state(base.cache_dir, log=log)  # once, before the workers start
-    grid = [dataclasses.replace(base, method=m, sample_rate=float(r), seed=int(s),
-                                out=str(out / "runs" / _run_name(m, r, s)))
-            for m in methods for r in cfg.rates for s in cfg.seeds]
-    log(f"bench: {len(methods)} methods x {len(cfg.rates)} rates x {len(cfg.seeds)} seeds = {len(grid)} runs on "
-        f"{base.data}, {jobs} in parallel -> {out}")
+    grid = [
+        dataclasses.replace(
+            base, method=m, sample_rate=float(r), seed=int(s), out=str(out / "runs" / _run_name(m, r, s))
+        )
+        for m in methods
+        for r in cfg.rates
+        for s in cfg.seeds
+    ]
+    log(
+        f"bench: {len(methods)} methods x {len(cfg.rates)} rates x {len(cfg.seeds)} seeds = {len(grid)} runs on "
+        f"{base.data}, {jobs} in parallel -> {out}"
+    )
     rows: list[dict] = []
     interrupted = False
     bar = _bar(len(grid), cfg.base.progress)
@@ -214,8 +233,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
         else:
             ctx = _spawn()
             stop = ctx.Event()
-            with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(stop,),
-                                     mp_context=ctx) as pool:
+            with ProcessPoolExecutor(
+                max_workers=jobs, initializer=_init_worker, initargs=(stop,), mp_context=ctx
+            ) as pool:
                 pending = {pool.submit(_one, c) for c in grid}
                 while pending:
                     try:
@@ -246,17 +266,24 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     rates = [float(r) for r in cfg.rates]
     table = markdown_table(summary, methods, rates)
     seconds = time.perf_counter() - t0
-    note = (f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, cfg.seeds))} "
-            f"({len(rows)} runs, {seconds / 60:.1f} min).")
+    note = (
+        f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, cfg.seeds))} "
+        f"({len(rows)} runs, {seconds / 60:.1f} min)."
+    )
     write_text_atomic(out / "results.csv", _csv(rows))
     write_text_atomic(out / "summary.csv", _csv(summary))
-    write_text_atomic(out / "summary.md", f"{note}\n\n{table}\n\nMean per-class accuracy (%):\n\n"
-                      f"{markdown_table(summary, methods, rates, 'mean_class_acc')}\n")
+    write_text_atomic(
+        out / "summary.md",
+        f"{note}\n\n{table}\n\nMean per-class accuracy (%):\n\n"
+        f"{markdown_table(summary, methods, rates, 'mean_class_acc')}\n",
+    )
     if summary:
         plot(summary, methods, out / "accuracy_vs_rate.png", title=f"finereg bench: {base.data}")
     log(f"\n{note}\n\n{table}\n")
-    log(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'results.csv'}"
-        + (f", {out / 'accuracy_vs_rate.png'}" if summary else ""))
+    log(
+        f"wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'results.csv'}"
+        + (f", {out / 'accuracy_vs_rate.png'}" if summary else "")
+    )
     if interrupted:
         log(f"interrupted: run the same command with --out {out} to finish the remaining runs")
     return BenchResult(out, rows, summary, table, seconds, interrupted)
@@ -264,6 +291,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
 
 def _spawn():
     import multiprocessing
+
     return multiprocessing.get_context("spawn")
 
 
@@ -271,6 +299,7 @@ def _bar(total: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
+
     return tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True)
 
 

@@ -7,6 +7,7 @@ about ten seconds on a CPU, and cached as ``<cache>/builtin-digits-src-v<N>-<has
 ``$FINEREG_CACHE``, else ``$XDG_CACHE_HOME/finereg``, else ``~/.cache/finereg``. The file is written atomically
 and rebuilt when missing or unreadable; the hash covers the recipe below, so changing it rebuilds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,16 @@ from .data import digits_source, epoch_plan, stratified_subset
 __all__ = ["PRETRAIN", "cache_dir", "pretrained_path", "pretrain_source", "pretrained_state"]
 
 # The recipe of the source model: SGD with momentum, cosine schedule, ±1 px translations.
-PRETRAIN = {"version": 1, "epochs": 20, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-            "seed": 0, "holdout_percent": 15}
+PRETRAIN = {
+    "version": 1,
+    "epochs": 20,
+    "batch_size": 64,
+    "lr": 0.05,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "seed": 0,
+    "holdout_percent": 15,
+}
 
 
 def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -75,8 +84,9 @@ def pretrain_source(log=print) -> tuple[dict, dict]:
         holdout[stratified_subset(src.labels, p["holdout_percent"], p["seed"])] = True
         train, test = src.subset(torch.nonzero(~holdout).flatten()), src.subset(torch.nonzero(holdout).flatten())
         model = BuiltinNet(len(src.classes), src.in_channels)
-        opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"],
-                              weight_decay=p["weight_decay"], nesterov=True)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"], nesterov=True
+        )
         steps = len(train) // p["batch_size"]
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p["epochs"] * steps)
         dev = torch.device("cpu")
@@ -92,10 +102,17 @@ def pretrain_source(log=print) -> tuple[dict, dict]:
         model.eval()
         with torch.no_grad():
             correct = sum(int((model(b.x).argmax(1) == b.y).sum()) for b in test.eval_batches(256, dev))
-    info = {"source_classes": src.classes, "holdout_accuracy": 100.0 * correct / len(test),
-            "train_images": len(train), "seconds": time.perf_counter() - t0, "recipe": dict(p)}
-    log(f"pretrained the built-in source model on digits 0-4 x 4 rotations in {info['seconds']:.1f}s "
-        f"(held-out accuracy {info['holdout_accuracy']:.1f}%)")
+    info = {
+        "source_classes": src.classes,
+        "holdout_accuracy": 100.0 * correct / len(test),
+        "train_images": len(train),
+        "seconds": time.perf_counter() - t0,
+        "recipe": dict(p),
+    }
+    log(
+        f"pretrained the built-in source model on digits 0-4 x 4 rotations in {info['seconds']:.1f}s "
+        f"(held-out accuracy {info['holdout_accuracy']:.1f}%)"
+    )
     return model.state_dict(), info
 
 

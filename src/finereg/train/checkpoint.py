@@ -4,6 +4,7 @@ Each save writes a temporary file in the run directory, flushes it to disk, move
 ``prev.pt`` and then the temporary file to ``last.pt`` (both ``os.replace``, atomic on POSIX and Windows). A crash
 at any moment leaves at least one complete checkpoint; a corrupt ``last.pt`` leaves ``prev.pt`` to resume from.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,16 @@ import torch
 
 from .._utils import atomic_write
 
-__all__ = ["CheckpointError", "LAST", "PREV", "atomic_save", "save_checkpoint", "load_checkpoint",
-           "find_checkpoint", "FORMAT"]
+__all__ = [
+    "CheckpointError",
+    "LAST",
+    "PREV",
+    "atomic_save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "FORMAT",
+]
 
 LAST = "last.pt"
 PREV = "prev.pt"
@@ -49,8 +58,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         for name in (LAST, PREV):
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(f"no checkpoint to resume from in {str(path)!r} (looked for {LAST} and {PREV}); "
-                              "start a new run without --resume")
+        raise CheckpointError(
+            f"no checkpoint to resume from in {str(path)!r} (looked for {LAST} and {PREV}); "
+            "start a new run without --resume"
+        )
     if path.is_file():
         return path
     raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a .pt file")
@@ -63,11 +74,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated / garbage files
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e})."
-                              + _fallback_hint(path)) from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e})." + _fallback_hint(path)
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a finereg training checkpoint (no {FORMAT!r} marker)."
-                              + _fallback_hint(path))
+        raise CheckpointError(
+            f"{str(path)!r} is not a finereg training checkpoint (no {FORMAT!r} marker)." + _fallback_hint(path)
+        )
     return state
 
 
@@ -75,5 +88,7 @@ def _fallback_hint(path: Path) -> str:
     prev = path.parent / PREV
     if path.name != PREV and prev.is_file():
         return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
-    return (" Nothing was overwritten; there is no earlier checkpoint to fall back on, so start the run again "
-            "(same command with --overwrite, or another --out)")
+    return (
+        " Nothing was overwritten; there is no earlier checkpoint to fall back on, so start the run again "
+        "(same command with --overwrite, or another --out)"
+    )

@@ -1,13 +1,14 @@
 """The ``finereg`` command: ``fit``, ``bench``, ``demo`` and ``methods``.
 
-    finereg demo                                   # L2-SP + DELTA + BSS on the built-in digits task (< 1 min)
-    finereg fit --method l2sp+bss --sample-rate 15 # the built-in task, any method or combination
-    finereg fit --data ~/data/cub --arch resnet50 --weights pretrained --method delta --out runs/cub-delta
-    finereg fit --resume runs/cub-delta            # continue an interrupted run exactly
-    torchrun --nproc_per_node=2 -m finereg fit ... # DistributedDataParallel
-    finereg bench                                  # methods x sampling rates x seeds -> table, CSV, plot
-    finereg methods                                # the methods, their papers and default hyper-parameters
+finereg demo                                   # L2-SP + DELTA + BSS on the built-in digits task (< 1 min)
+finereg fit --method l2sp+bss --sample-rate 15 # the built-in task, any method or combination
+finereg fit --data ~/data/cub --arch resnet50 --weights pretrained --method delta --out runs/cub-delta
+finereg fit --resume runs/cub-delta            # continue an interrupted run exactly
+torchrun --nproc_per_node=2 -m finereg fit ... # DistributedDataParallel
+finereg bench                                  # methods x sampling rates x seeds -> table, CSV, plot
+finereg methods                                # the methods, their papers and default hyper-parameters
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,76 +25,144 @@ _S = argparse.SUPPRESS  # options left out stay unset, so --resume can tell what
 
 def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", "-d", default=_S, help="built-in dataset (digits) or an ImageFolder root with train/ "
-                   "and val/ (default: digits)")
+    g.add_argument(
+        "--data",
+        "-d",
+        default=_S,
+        help="built-in dataset (digits) or an ImageFolder root with train/ and val/ (default: digits)",
+    )
     if not for_bench:
-        g.add_argument("--sample-rate", "-sr", type=float, default=_S, dest="sample_rate",
-                       help="percent of each class kept for training, stratified (default: 100)")
+        g.add_argument(
+            "--sample-rate",
+            "-sr",
+            type=float,
+            default=_S,
+            dest="sample_rate",
+            help="percent of each class kept for training, stratified (default: 100)",
+        )
     g.add_argument("--data-seed", type=int, default=_S, help="seed of the per-class sampling (default: 0)")
     g.add_argument("--image-size", type=int, default=_S, help="crop size for ImageFolder data (default: 224)")
     g.add_argument("--workers", "-j", type=int, default=_S, help="data loading processes (default: 2)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", "-a", default=_S, help="builtin, a torchvision or timm architecture (default: builtin)")
-    g.add_argument("--weights", default=_S, help="builtin | pretrained | a torchvision weight name | PATH | none "
-                   "(default: builtin for the built-in network, pretrained otherwise)")
+    g.add_argument(
+        "--weights",
+        default=_S,
+        help="builtin | pretrained | a torchvision weight name | PATH | none "
+        "(default: builtin for the built-in network, pretrained otherwise)",
+    )
     g = p.add_argument_group("method")
     if not for_bench:
-        g.add_argument("--method", "-m", default=_S, help="erm, l2, l2sp, delta, delta-attention, bss, lwf, "
-                       "co-tuning, bi-tuning, or a combination such as l2sp+bss (default: erm)")
-    g.add_argument("--set", action="append", default=_S, metavar="METHOD.KEY=VALUE", dest="set",
-                   help="change a hyper-parameter, e.g. --set bss.trade_off=0.001 (repeatable)")
+        g.add_argument(
+            "--method",
+            "-m",
+            default=_S,
+            help="erm, l2, l2sp, delta, delta-attention, bss, lwf, "
+            "co-tuning, bi-tuning, or a combination such as l2sp+bss (default: erm)",
+        )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=_S,
+        metavar="METHOD.KEY=VALUE",
+        dest="set",
+        help="change a hyper-parameter, e.g. --set bss.trade_off=0.001 (repeatable)",
+    )
     g = p.add_argument_group("optimization")
     if not for_bench:
         g.add_argument("--seed", type=int, default=_S, help="training seed (default: 0)")
     g.add_argument("--epochs", type=int, default=_S, help="(default: 6 on digits, 20 otherwise)")
-    g.add_argument("--iters-per-epoch", "-i", type=int, default=_S, dest="iters_per_epoch",
-                   help="steps per epoch (default: 10 on digits, one pass otherwise)")
+    g.add_argument(
+        "--iters-per-epoch",
+        "-i",
+        type=int,
+        default=_S,
+        dest="iters_per_epoch",
+        help="steps per epoch (default: 10 on digits, one pass otherwise)",
+    )
     g.add_argument("--batch-size", "-b", type=int, default=_S, help="global batch (default: 32 on digits, 48)")
     g.add_argument("--lr", type=float, default=_S, help="learning rate of new heads (default: 0.05 on digits, 0.01)")
-    g.add_argument("--backbone-lr-mult", type=float, default=_S,
-                   help="backbone learning rate = this x lr (default: 0.1, tllib's --finetune)")
-    g.add_argument("--lr-steps", type=int, nargs="+", default=_S, help="epochs at which the lr drops "
-                   "(default: 60%% of the epochs)")
+    g.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=_S,
+        help="backbone learning rate = this x lr (default: 0.1, tllib's --finetune)",
+    )
+    g.add_argument(
+        "--lr-steps", type=int, nargs="+", default=_S, help="epochs at which the lr drops (default: 60%% of the epochs)"
+    )
     g.add_argument("--lr-gamma", type=float, default=_S, help="lr factor at each step (default: 0.1)")
     g.add_argument("--momentum", type=float, default=_S, help="SGD momentum, Nesterov (default: 0.9)")
-    g.add_argument("--wd", "--weight-decay", type=float, default=_S, dest="weight_decay",
-                   help="SGD weight decay (default: tllib's for the method: 0 with L2-SP/DELTA, else 5e-4)")
+    g.add_argument(
+        "--wd",
+        "--weight-decay",
+        type=float,
+        default=_S,
+        dest="weight_decay",
+        help="SGD weight decay (default: tllib's for the method: 0 with L2-SP/DELTA, else 5e-4)",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--device", default=_S, help="auto, cpu, cuda, cuda:1 (default: auto)")
     g.add_argument("--threads", type=int, default=_S, help="CPU threads (default: 1 on digits, torch's otherwise)")
     g.add_argument("--bf16", action="store_true", default=_S, help="bfloat16 autocast")
     g.add_argument("--compile", action="store_true", default=_S, help="torch.compile the training model")
-    g.add_argument("--no-deterministic", action="store_false", default=_S, dest="deterministic",
-                   help="allow non-deterministic kernels")
-    g.add_argument("--cache-dir", default=_S, help="cache for the built-in source model (default: $FINEREG_CACHE "
-                   "or ~/.cache/finereg)")
+    g.add_argument(
+        "--no-deterministic",
+        action="store_false",
+        default=_S,
+        dest="deterministic",
+        help="allow non-deterministic kernels",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=_S,
+        help="cache for the built-in source model (default: $FINEREG_CACHE or ~/.cache/finereg)",
+    )
     g.add_argument("--no-progress", action="store_false", default=_S, dest="progress", help="no progress bars")
     if not for_bench:
-        g.add_argument("--no-tensorboard", action="store_false", default=_S, dest="tensorboard",
-                       help="no TensorBoard events")
+        g.add_argument(
+            "--no-tensorboard", action="store_false", default=_S, dest="tensorboard", help="no TensorBoard events"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finereg", description="Regularized fine-tuning: train, benchmark, demo.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        prog="finereg",
+        description="Regularized fine-tuning: train, benchmark, demo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    fit = sub.add_parser("fit", help="fine-tune with a method (or a combination)",
-                         description="Fine-tune a pretrained network with a transfer-regularization method.")
+    fit = sub.add_parser(
+        "fit",
+        help="fine-tune with a method (or a combination)",
+        description="Fine-tune a pretrained network with a transfer-regularization method.",
+    )
     _fit_options(fit)
     g = fit.add_argument_group("output")
     g.add_argument("--out", "-o", default=_S, help="run directory (default: runs/fit-<time>)")
-    g.add_argument("--resume", nargs="?", const=True, default=_S, metavar="RUN",
-                   help="continue the run in RUN (a run directory or checkpoint; default: --out)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=_S,
+        metavar="RUN",
+        help="continue the run in RUN (a run directory or checkpoint; default: --out)",
+    )
     g.add_argument("--overwrite", action="store_true", default=_S, help="replace a run already in --out")
 
-    bench = sub.add_parser("bench", help="methods x sampling rates x seeds -> markdown table, CSV, PNG",
-                           description="Benchmark methods over sampling rates and seeds (tllib's protocol).")
+    bench = sub.add_parser(
+        "bench",
+        help="methods x sampling rates x seeds -> markdown table, CSV, PNG",
+        description="Benchmark methods over sampling rates and seeds (tllib's protocol).",
+    )
     bench.add_argument("--methods", default=None, help="comma-separated methods (combinations with +); default: all")
     bench.add_argument("--rates", default=None, help="comma-separated sampling rates (default: 15,30,50,100)")
     bench.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2,3,4)")
     bench.add_argument("--out", "-o", default=None, help="output directory (default: runs/bench-<time>)")
-    bench.add_argument("--jobs", type=int, default=None, help="runs in parallel, one thread each (default: one "
-                       "per available CPU core)")
+    bench.add_argument(
+        "--jobs", type=int, default=None, help="runs in parallel, one thread each (default: one per available CPU core)"
+    )
     _fit_options(bench, for_bench=True)
 
     demo = sub.add_parser("demo", help="a one-minute fine-tuning on the built-in task with L2-SP + DELTA + BSS")
@@ -117,17 +186,18 @@ def _fit_config(ns: argparse.Namespace):
 
 
 def _cmd_fit(ns: argparse.Namespace) -> int:
-    from .loop import fit
-
     from .dist import rank
+    from .loop import fit
 
     res = fit(_fit_config(ns))
     if res.interrupted:
         return EXIT_INTERRUPTED
     f = res.final
     if f and rank() == 0:
-        print(f"done: top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
-              f"after {res.epochs_done} epochs; run in {res.run_dir}")
+        print(
+            f"done: top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
+            f"after {res.epochs_done} epochs; run in {res.run_dir}"
+        )
     return 0
 
 
@@ -140,9 +210,11 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     if res.interrupted:
         return EXIT_INTERRUPTED
     f = res.final
-    print(f"demo: {ns.method} fine-tuned the built-in pretrained network (digits 0-4 x rotations) on digits 5-9 "
-          f"(30% of the training pool): top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
-          f"in {time.perf_counter() - t0:.0f}s. Metrics, TensorBoard events and checkpoints: {res.run_dir}")
+    print(
+        f"demo: {ns.method} fine-tuned the built-in pretrained network (digits 0-4 x rotations) on digits 5-9 "
+        f"(30% of the training pool): top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
+        f"in {time.perf_counter() - t0:.0f}s. Metrics, TensorBoard events and checkpoints: {res.run_dir}"
+    )
     return 0
 
 
@@ -150,9 +222,18 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import BenchConfig, bench
 
     base = _fit_config(ns)
-    split = (lambda s, typ: [typ(x) for x in s.split(",") if x.strip()] if s else None)
-    kw = {k: v for k, v in {"methods": split(ns.methods, str), "rates": split(ns.rates, float),
-                            "seeds": split(ns.seeds, int), "out": ns.out, "jobs": ns.jobs}.items() if v is not None}
+    split = lambda s, typ: [typ(x) for x in s.split(",") if x.strip()] if s else None
+    kw = {
+        k: v
+        for k, v in {
+            "methods": split(ns.methods, str),
+            "rates": split(ns.rates, float),
+            "seeds": split(ns.seeds, int),
+            "out": ns.out,
+            "jobs": ns.jobs,
+        }.items()
+        if v is not None
+    }
     res = bench(BenchConfig(base=base, **kw))
     return EXIT_INTERRUPTED if res.interrupted else 0
 
@@ -162,13 +243,20 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
 
     for name, cls in REGISTRY.items():
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
-        print(f"{name:16s} {cls.title}\n{'':16s} defaults (tllib): {hp}; weight decay {cls.weight_decay:g}"
-              + (f"; head L2 {cls.head_l2:g}" if cls.head_l2 else ""))
+        print(
+            f"{name:16s} {cls.title}\n{'':16s} defaults (tllib): {hp}; weight decay {cls.weight_decay:g}"
+            + (f"; head L2 {cls.head_l2:g}" if cls.head_l2 else "")
+        )
         if cls.digits_defaults:
-            print(f"{'':16s} on the built-in digits task: "
-                  + ", ".join(f"{k}={v!r}" for k, v in cls.digits_defaults.items()))
-    print("also accepted: " + ", ".join(f"{a} (= {n})" for a, n in method_aliases().items())
-          + "; combine methods with +, e.g. l2sp+bss")
+            print(
+                f"{'':16s} on the built-in digits task: "
+                + ", ".join(f"{k}={v!r}" for k, v in cls.digits_defaults.items())
+            )
+    print(
+        "also accepted: "
+        + ", ".join(f"{a} (= {n})" for a, n in method_aliases().items())
+        + "; combine methods with +, e.g. l2sp+bss"
+    )
     return 0
 
 
@@ -189,8 +277,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("finereg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError,
-            ImportError, RuntimeError, FloatingPointError) as e:
+    except (
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        CheckpointError,
+        ImportError,
+        RuntimeError,
+        FloatingPointError,
+    ) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"finereg {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR

@@ -5,6 +5,7 @@ from a generator seeded by ``(seed, epoch)`` in :func:`epoch_plan`: a table of s
 seeds, one row per step. A run that resumes at epoch ``e`` draws the same table, and ``N`` distributed
 processes cut each row into ``N`` equal slices, so together they see exactly the batch a single process sees.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "TensorImages", "FolderImages", "TrainData", "BUILTIN_DATASETS", "load_data",
-           "digits_arrays", "digits_source", "digits_target", "class_ranks", "stratified_subset",
-           "epoch_plan", "derive_seed", "SAMPLE_RATES", "DIGITS_MEAN", "DIGITS_STD"]
+__all__ = [
+    "Batch",
+    "TensorImages",
+    "FolderImages",
+    "TrainData",
+    "BUILTIN_DATASETS",
+    "load_data",
+    "digits_arrays",
+    "digits_source",
+    "digits_target",
+    "class_ranks",
+    "stratified_subset",
+    "epoch_plan",
+    "derive_seed",
+    "SAMPLE_RATES",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+]
 
 BUILTIN_DATASETS = ("digits",)
 SAMPLE_RATES = (15, 30, 50, 100)
@@ -90,8 +106,10 @@ def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:
 def check_batch_size(n: int, batch_size: int) -> None:
     """A training set smaller than one batch cannot make a single step: say so."""
     if n < batch_size:
-        raise ValueError(f"the training set has {n} images, fewer than one batch ({batch_size}); "
-                         "lower --batch-size or raise --sample-rate")
+        raise ValueError(
+            f"the training set has {n} images, fewer than one batch ({batch_size}); "
+            "lower --batch-size or raise --sample-rate"
+        )
 
 
 def epoch_plan(n: int, batch_size: int, steps: int, seed: int, epoch: int) -> tuple[Tensor, Tensor]:
@@ -118,11 +136,21 @@ class TensorImages:
     of each sample is read from its seed in the epoch plan (vectorized gather, no loop over samples).
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], *, shift: int = 1,
-                 mean: float = DIGITS_MEAN, std: float = DIGITS_STD):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        classes: Sequence[str],
+        *,
+        shift: int = 1,
+        mean: float = DIGITS_MEAN,
+        std: float = DIGITS_STD,
+    ):
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} "
-                             f"and {tuple(labels.shape)} labels")
+            raise ValueError(
+                f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} "
+                f"and {tuple(labels.shape)} labels"
+            )
         self.images, self.labels = images.float(), labels.long()
         self.classes, self.shift, self.mean, self.std = list(classes), shift, mean, std
         self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
@@ -135,8 +163,9 @@ class TensorImages:
         return self.images.shape[1]
 
     def subset(self, indices: Tensor) -> TensorImages:
-        return TensorImages(self.images[indices], self.labels[indices], self.classes, shift=self.shift,
-                            mean=self.mean, std=self.std)
+        return TensorImages(
+            self.images[indices], self.labels[indices], self.classes, shift=self.shift, mean=self.mean, std=self.std
+        )
 
     def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """The images on ``device``, plain and zero-padded by ``shift`` (moved once, kept)."""
@@ -252,8 +281,9 @@ def _collate(items: list) -> Batch:
     good = [it for it in items if it is not None]
     skipped = len(items) - len(good)
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                     skipped=skipped)
+        return Batch(
+            torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped=skipped
+        )
     xs, ys, idx = zip(*good)
     y, index = torch.tensor(ys), torch.tensor(idx)
     if isinstance(xs[0], list):
@@ -270,16 +300,18 @@ class FolderImages:
     augmentation is seeded from the epoch plan, so it does not depend on the number of workers or processes.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], *, image_size: int = 224,
-                 workers: int = 2):
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], classes: Sequence[str], *, image_size: int = 224, workers: int = 2
+    ):
         from torchvision import transforms as T
 
         self.samples, self.classes, self.image_size, self.workers = list(samples), list(classes), image_size, workers
         self.labels = torch.tensor([c for _, c in self.samples], dtype=torch.long)
         resize = round(image_size * 256 / 224)
         norm = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-        self.train_transform = T.Compose([T.Resize((resize, resize)), T.RandomResizedCrop(image_size),
-                                          T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        self.train_transform = T.Compose(
+            [T.Resize((resize, resize)), T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+        )
         self.eval_transform = T.Compose([T.Resize((resize, resize)), T.CenterCrop(image_size), T.ToTensor(), norm])
 
     def __len__(self) -> int:
@@ -288,13 +320,18 @@ class FolderImages:
     in_channels = 3
 
     def subset(self, indices: Tensor) -> FolderImages:
-        return FolderImages([self.samples[i] for i in indices.tolist()], self.classes,
-                            image_size=self.image_size, workers=self.workers)
+        return FolderImages(
+            [self.samples[i] for i in indices.tolist()], self.classes, image_size=self.image_size, workers=self.workers
+        )
 
     def _loader(self, transform, views: int, batches: list[list[tuple[int, int | None]]]):
-        return torch.utils.data.DataLoader(_SeededImages(self.samples, transform, views), batch_sampler=batches,
-                                           num_workers=self.workers, collate_fn=_collate,
-                                           persistent_workers=False)
+        return torch.utils.data.DataLoader(
+            _SeededImages(self.samples, transform, views),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            persistent_workers=False,
+        )
 
     def train_batches(self, order: Tensor, seeds: Tensor, views: int, device: torch.device) -> Iterator[Batch]:
         batches = [list(zip(o.tolist(), s.tolist())) for o, s in zip(order, seeds)]
@@ -309,8 +346,13 @@ class FolderImages:
 
 
 def _to(b: Batch, device: torch.device) -> Batch:
-    return Batch(b.x.to(device, non_blocking=True), b.y.to(device), b.index,
-                 [v.to(device, non_blocking=True) for v in b.views], b.skipped)
+    return Batch(
+        b.x.to(device, non_blocking=True),
+        b.y.to(device),
+        b.index,
+        [v.to(device, non_blocking=True) for v in b.views],
+        b.skipped,
+    )
 
 
 def _readable(path: str) -> bool:
@@ -331,8 +373,12 @@ def scan_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"{str(split_dir)!r} has no class folders; expected {split_dir}/<class>/<image>")
-    files = [(str(p), c) for c, name in enumerate(classes) for p in sorted((split_dir / name).rglob("*"))
-             if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    files = [
+        (str(p), c)
+        for c, name in enumerate(classes)
+        for p in sorted((split_dir / name).rglob("*"))
+        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+    ]
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
         ok = list(pool.map(_readable, (p for p, _ in files)))
     samples = [f for f, good in zip(files, ok) if good]
@@ -356,8 +402,9 @@ class TrainData:
         return self.train.in_channels
 
 
-def load_data(data: str, *, sample_rate: float = 100, data_seed: int = 0, image_size: int = 224,
-              workers: int = 2, log=print) -> TrainData:
+def load_data(
+    data: str, *, sample_rate: float = 100, data_seed: int = 0, image_size: int = 224, workers: int = 2, log=print
+) -> TrainData:
     """A built-in dataset name (``digits``) or an ImageFolder root with ``train/`` and ``val/`` sub-folders.
 
     The training set keeps ``sample_rate`` percent of each class (:func:`stratified_subset` with ``data_seed``);
@@ -369,21 +416,27 @@ def load_data(data: str, *, sample_rate: float = 100, data_seed: int = 0, image_
         return TrainData(data, train, test, pool.classes)
     root = Path(data).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"data {data!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor "
-                                "an existing folder; give an ImageFolder root with train/<class>/<image> and "
-                                "val/<class>/<image>")
+        raise FileNotFoundError(
+            f"data {data!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor "
+            "an existing folder; give an ImageFolder root with train/<class>/<image> and "
+            "val/<class>/<image>"
+        )
     if not root.is_dir():
         raise NotADirectoryError(f"data {data!r} is a file; give an ImageFolder root folder with train/ and val/")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir())
-        raise FileNotFoundError(f"{str(root)!r} has no {' or '.join(s + '/' for s in missing)} folder (found: "
-                                f"{found or 'nothing'}); expected {root}/train/<class>/<image> and {root}/val/...")
+        raise FileNotFoundError(
+            f"{str(root)!r} has no {' or '.join(s + '/' for s in missing)} folder (found: "
+            f"{found or 'nothing'}); expected {root}/train/<class>/<image> and {root}/val/..."
+        )
     (tc, ts, tbad), (vc, vs, vbad) = scan_folder(root / "train"), scan_folder(root / "val")
     if tc != vc:
         only_t, only_v = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
-        raise ValueError(f"train/ and val/ of {str(root)!r} have different classes: only in train/: {only_t}; "
-                         f"only in val/: {only_v}. Both must hold the same class folders")
+        raise ValueError(
+            f"train/ and val/ of {str(root)!r} have different classes: only in train/: {only_t}; "
+            f"only in val/: {only_v}. Both must hold the same class folders"
+        )
     bad = tbad + vbad
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -391,13 +444,14 @@ def load_data(data: str, *, sample_rate: float = 100, data_seed: int = 0, image_
         log(msg)
     for split, samples in (("train", ts), ("val", vs)):
         if not samples:
-            raise ValueError(f"{str(root / split)!r} holds no readable images "
-                             f"(extensions {', '.join(IMG_EXTENSIONS)})")
+            raise ValueError(f"{str(root / split)!r} holds no readable images (extensions {', '.join(IMG_EXTENSIONS)})")
     counts = torch.bincount(torch.tensor([c for _, c in ts]), minlength=len(tc))
     empty = [tc[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:
-        raise ValueError(f"class folder(s) {empty} of {root / 'train'} hold no readable images; every class "
-                         "needs at least one training image")
+        raise ValueError(
+            f"class folder(s) {empty} of {root / 'train'} hold no readable images; every class "
+            "needs at least one training image"
+        )
     full = FolderImages(ts, tc, image_size=image_size, workers=workers)
     train = full.subset(stratified_subset(full.labels, sample_rate, data_seed)) if sample_rate < 100 else full
     return TrainData(str(root), train, FolderImages(vs, vc, image_size=image_size, workers=workers), tc, len(bad))

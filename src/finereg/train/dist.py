@@ -4,6 +4,7 @@
 then joins a process group (NCCL on GPU, gloo on CPU). A process group that already exists (for example made by
 ``torch.multiprocessing.spawn`` in a test) is used as it is.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "is_distributed", "world_size", "rank", "barrier",
-           "broadcast_tensor", "broadcast_object", "all_reduce_sum"]
+__all__ = [
+    "DistInfo",
+    "setup_distributed",
+    "is_distributed",
+    "world_size",
+    "rank",
+    "barrier",
+    "broadcast_tensor",
+    "broadcast_object",
+    "all_reduce_sum",
+]
 
 
 @dataclass(frozen=True)

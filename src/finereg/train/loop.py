@@ -9,6 +9,7 @@ epoch. ``resume`` continues bit-for-bit: each epoch's data order, augmentation a
 running sums. Under ``torchrun`` the model is wrapped in DistributedDataParallel; ``batch_size`` is the global
 batch, cut into equal slices per process, so N processes take the steps one process takes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,8 +87,19 @@ class FitConfig:
 
 
 # Fields that may change when a run resumes; all others must equal the checkpoint's.
-_RESUME_FREE = {"epochs", "device", "workers", "threads", "progress", "tensorboard", "compile", "cache_dir", "out", "resume",
-                "overwrite"}
+_RESUME_FREE = {
+    "epochs",
+    "device",
+    "workers",
+    "threads",
+    "progress",
+    "tensorboard",
+    "compile",
+    "cache_dir",
+    "out",
+    "resume",
+    "overwrite",
+}
 
 
 @dataclass
@@ -134,8 +146,10 @@ class _Stop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self._log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-                  "(Ctrl-C again to abort without saving)")
+        self._log(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+            "(Ctrl-C again to abort without saving)"
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -180,8 +194,10 @@ def _merge_resume(cfg: FitConfig, saved: dict) -> FitConfig:
         elif new != getattr(default, f.name) and _norm(new) != _norm(saved[f.name]):
             conflicts.append(f"{f.name}: checkpoint {saved[f.name]!r}, now {new!r}")
     if conflicts:
-        raise ValueError("cannot resume with different training settings (" + "; ".join(conflicts) + "). Resume "
-                         "without them, or start a new run (another --out, or --overwrite)")
+        raise ValueError(
+            "cannot resume with different training settings (" + "; ".join(conflicts) + "). Resume "
+            "without them, or start a new run (another --out, or --overwrite)"
+        )
     merged["resume"] = cfg.resume
     return FitConfig(**{f.name: merged[f.name] for f in dataclasses.fields(FitConfig)})
 
@@ -198,14 +214,19 @@ def _param_groups(model: nn.Module, net: TransferNet, lr: float, backbone_mult: 
     for p in model.parameters():
         if p.requires_grad:
             (old if id(p) in pretrained else new).append(p)
-    groups = [{"params": old, "lr": lr * backbone_mult, "name": "backbone"},
-              {"params": new, "lr": lr, "name": "head"}]
+    groups = [{"params": old, "lr": lr * backbone_mult, "name": "backbone"}, {"params": new, "lr": lr, "name": "head"}]
     return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, data, batch_size: int, device: torch.device, num_classes: int,
-             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+def evaluate(
+    net: nn.Module,
+    data,
+    batch_size: int,
+    device: torch.device,
+    num_classes: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
     """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``.
 
     Under torch.distributed each process evaluates every N-th sample and the counts are summed.
@@ -232,8 +253,11 @@ def evaluate(net: nn.Module, data, batch_size: int, device: torch.device, num_cl
     fdist.all_reduce_sum(loss_sum)
     net.train(was)
     top1, mean_class = accuracy_from_counts(stats[0].cpu(), stats[1].cpu())
-    return {"val_top1": top1, "val_mean_class_acc": mean_class,
-            "val_loss": float(loss_sum / stats[1].sum().clamp_min(1))}
+    return {
+        "val_top1": top1,
+        "val_mean_class_acc": mean_class,
+        "val_loss": float(loss_sum / stats[1].sum().clamp_min(1)),
+    }
 
 
 def _make_run_dir(cfg: FitConfig, info: fdist.DistInfo) -> Path:
@@ -248,8 +272,10 @@ def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse a run directory that holds a run, unless ``overwrite``; nothing is deleted here."""
     existing = [p for p in (LAST, PREV) if (run_dir / p).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{str(run_dir)!r} already holds a run ({', '.join(existing)}). Continue it with "
-                              "--resume, start over with --overwrite (deletes it), or choose another --out")
+        raise FileExistsError(
+            f"{str(run_dir)!r} already holds a run ({', '.join(existing)}). Continue it with "
+            "--resume, start over with --overwrite (deletes it), or choose another --out"
+        )
 
 
 def _clear_old_run(run_dir: Path) -> None:
@@ -300,8 +326,9 @@ class _Meter:
     def reduced(self, device: torch.device) -> dict[str, float]:
         """Epoch means over all processes."""
         keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] for k in keys] + [self.n, self.correct, self.skipped], dtype=torch.float64,
-                         device=device)
+        t = torch.tensor(
+            [self.sums[k] for k in keys] + [self.n, self.correct, self.skipped], dtype=torch.float64, device=device
+        )
         fdist.all_reduce_sum(t)
         n = max(float(t[-3]), 1.0)
         row = {f"train_{k}": float(v) / n for k, v in zip(keys, t[:-3])}
@@ -312,8 +339,9 @@ class _Meter:
 
 
 # ---------------------------------------------------------------------------------------------------- fit
-def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
+def fit(
+    cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = None
+) -> FitResult:
     """Fine-tune as ``cfg`` says; returns the run directory, the metric history and the trained network.
 
     Defaults (``None`` fields): on the built-in ``digits`` task :data:`DIGITS` (6 epochs of 10 steps, batch 32,
@@ -359,20 +387,36 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
         recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data in BUILTIN_DATASETS)
         cfg = _resolve(cfg, recipes)
         if ckpt is not None and ckpt["epoch"] > cfg.epochs:
-            raise ValueError(f"{str(run_dir)!r} already holds {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; "
-                             "resume with at least as many epochs, or start a new run (another --out)")
+            raise ValueError(
+                f"{str(run_dir)!r} already holds {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; "
+                "resume with at least as many epochs, or start a new run (another --out)"
+            )
         torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))  # new head init
-        data = load_data(cfg.data, sample_rate=cfg.sample_rate, data_seed=cfg.data_seed, image_size=cfg.image_size,
-                         workers=cfg.workers, log=logp)
+        data = load_data(
+            cfg.data,
+            sample_rate=cfg.sample_rate,
+            data_seed=cfg.data_seed,
+            image_size=cfg.image_size,
+            workers=cfg.workers,
+            log=logp,
+        )
         check_batch_size(len(data.train), cfg.batch_size)
-        bundle = build_model(cfg.arch, len(data.classes), weights=cfg.weights, in_channels=data.in_channels,
-                             cache_dir=cfg.cache_dir, log=logp)
+        bundle = build_model(
+            cfg.arch,
+            len(data.classes),
+            weights=cfg.weights,
+            in_channels=data.in_channels,
+            cache_dir=cfg.cache_dir,
+            log=logp,
+        )
         net = bundle.net.to(info.device)
         _probe(net, data, bundle.arch)
         needs_head = [r.name for r in recipes if r.uses_source_head]
         if needs_head and net.source_head is None:
-            raise ValueError(f"{', '.join(needs_head)} needs the pretrained classifier as source head, and "
-                             f"weights {bundle.weights!r} bring none; use pretrained weights")
+            raise ValueError(
+                f"{', '.join(needs_head)} needs the pretrained classifier as source head, and "
+                f"weights {bundle.weights!r} bring none; use pretrained weights"
+            )
         net.use_source_head = bool(needs_head)
         if any(r.trains_source_head for r in recipes):
             net.source_head.requires_grad_(True)
@@ -380,10 +424,22 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
         if any(r.needs_source for r in recipes):
             source = copy.deepcopy(net).eval().requires_grad_(False)
             source.use_source_head = False
-        autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 \
-            else contextlib.nullcontext
-        ctx = Context(net=net, data=data, dist=info, device=info.device, batch_size=cfg.batch_size, seed=cfg.seed,
-                      run_dir=run_dir, cache_dir=cache, log=logp, source=source, autocast=autocast)
+        autocast = (
+            (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+        )
+        ctx = Context(
+            net=net,
+            data=data,
+            dist=info,
+            device=info.device,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            run_dir=run_dir,
+            cache_dir=cache,
+            log=logp,
+            source=source,
+            autocast=autocast,
+        )
         if ckpt is not None:
             for r in recipes:
                 r.load_state_dict(ckpt.get("recipes", {}).get(r.name, {}))
@@ -404,8 +460,13 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
         forward = next((r.forward for r in recipes if r.wraps), None)
         views = max((r.views for r in recipes), default=1)
 
-        optimizer = torch.optim.SGD(_param_groups(model, net, cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr,
-                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        optimizer = torch.optim.SGD(
+            _param_groups(model, net, cfg.lr, cfg.backbone_lr_mult),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_steps, gamma=cfg.lr_gamma)
         start_epoch, start_step, history, meter_state, rng = 0, 0, [], None, None
         if ckpt is not None:
@@ -417,16 +478,17 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
             if start_epoch >= cfg.epochs:
                 logp(f"{run_dir} is complete ({start_epoch} of {cfg.epochs} epochs); train longer with --epochs N")
             else:
-                logp(f"resuming {run_dir} at epoch {start_epoch + 1}"
-                     + (f", step {start_step}" if start_step else ""))
+                logp(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
 
         train_model = model
         if info.distributed:
             if cfg.batch_size % info.world_size:
-                raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must divide by the "
-                                 f"{info.world_size} processes")
+                raise ValueError(
+                    f"batch_size {cfg.batch_size} (the global batch) must divide by the {info.world_size} processes"
+                )
             train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+                model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            )
             # a size-1 dimension (1-channel input conv) makes equivalent strides differ; harmless
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         if cfg.compile:
@@ -437,20 +499,33 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
         steps = cfg.iters_per_epoch or n_train // cfg.batch_size
         if info.is_main:
             write_text_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-            logp(f"fit: {cfg.method} on {data.name} ({n_train} training images, {len(data.classes)} classes, "
-                 f"{cfg.sample_rate:g}% per class) | {bundle.arch} ({bundle.weights}) | {cfg.epochs} epochs x "
-                 f"{steps} steps x batch {cfg.batch_size} | " + ", ".join(map(repr, recipes)))
+            logp(
+                f"fit: {cfg.method} on {data.name} ({n_train} training images, {len(data.classes)} classes, "
+                f"{cfg.sample_rate:g}% per class) | {bundle.arch} ({bundle.weights}) | {cfg.epochs} epochs x "
+                f"{steps} steps x batch {cfg.batch_size} | " + ", ".join(map(repr, recipes))
+            )
         logger = MetricsLogger(run_dir, history, enabled=info.is_main, tensorboard=cfg.tensorboard)
         lo, hi = info.rank * cfg.batch_size // info.world_size, (info.rank + 1) * cfg.batch_size // info.world_size
 
         def checkpoint(epoch: int, step: int, meter: _Meter | None, rng_state: Tensor | None) -> None:
             if info.is_main:
-                save_checkpoint({"config": dataclasses.asdict(cfg), "epoch": epoch, "step": step,
-                                 "model": model.state_dict(), "net": net.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "recipes": {r.name: r.state_dict() for r in recipes}, "history": logger.history,
-                                 "meter": meter.state() if meter else None, "rng": rng_state,
-                                 "classes": data.classes}, run_dir)
+                save_checkpoint(
+                    {
+                        "config": dataclasses.asdict(cfg),
+                        "epoch": epoch,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "net": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "recipes": {r.name: r.state_dict() for r in recipes},
+                        "history": logger.history,
+                        "meter": meter.state() if meter else None,
+                        "rng": rng_state,
+                        "classes": data.classes,
+                    },
+                    run_dir,
+                )
             fdist.barrier()
 
         interrupted = False
@@ -481,16 +556,22 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                         in_step = True
                         with autocast():
                             out = run_forward(batch)
-                        out = StepOut(out.logits.float(), None if out.features is None else out.features.float(),
-                                      None if out.source_logits is None else out.source_logits.float(), out.extra)
+                        out = StepOut(
+                            out.logits.float(),
+                            None if out.features is None else out.features.float(),
+                            None if out.source_logits is None else out.source_logits.float(),
+                            out.extra,
+                        )
                         terms = {"ce": F.cross_entropy(out.logits, batch.y)}
                         for r in recipes:
                             terms.update(r.terms(batch, out, ctx))
                         loss = sum(terms.values())
                         if not torch.isfinite(loss):
-                            raise FloatingPointError(f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
-                                                     f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())})"
-                                                     "; lower --lr or the trade-offs")
+                            raise FloatingPointError(
+                                f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
+                                f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())})"
+                                "; lower --lr or the trade-offs"
+                            )
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         optimizer.step()
@@ -501,7 +582,9 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                             bar.update(1)
                             bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items()}, refresh=False)
                         if on_step is not None:
-                            on_step(StepInfo(epoch, step, steps, {k: float(v.detach()) for k, v in terms.items()}, model))
+                            on_step(
+                                StepInfo(epoch, step, steps, {k: float(v.detach()) for k, v in terms.items()}, model)
+                            )
                         if _stop_requested(stop.requested, info):
                             raise KeyboardInterrupt
                 except KeyboardInterrupt:
@@ -512,20 +595,28 @@ def fit(cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None,
                         logp(f"interrupted inside a step; the last checkpoint in {run_dir} is kept")
                     else:
                         checkpoint(epoch, step, meter, torch.get_rng_state())
-                        logp(f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved; continue with "
-                             f"finereg fit --resume {run_dir}")
+                        logp(
+                            f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved; continue with "
+                            f"finereg fit --resume {run_dir}"
+                        )
                     break
                 if bar is not None:
                     bar.close()
                 lr = optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
                 scheduler.step()
-                row = {"epoch": epoch + 1, "lr": lr, **meter.reduced(info.device),
-                       **evaluate(net, data.val, cfg.batch_size, info.device, len(data.classes), autocast),
-                       "epoch_seconds": time.perf_counter() - t0}
+                row = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    **meter.reduced(info.device),
+                    **evaluate(net, data.val, cfg.batch_size, info.device, len(data.classes), autocast),
+                    "epoch_seconds": time.perf_counter() - t0,
+                }
                 logger.log(row)
                 checkpoint(epoch + 1, 0, None, None)
-                logp(f"epoch {epoch + 1}/{cfg.epochs}: " + " ".join(
-                    f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_"))))
+                logp(
+                    f"epoch {epoch + 1}/{cfg.epochs}: "
+                    + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_")))
+                )
         return FitResult(run_dir, len(logger.history), list(logger.history), net.eval(), interrupted, cfg)
     finally:
         for r in recipes:
@@ -543,9 +634,11 @@ def _probe(net: TransferNet, data: TrainData, arch: str) -> None:
         with torch.no_grad():
             net.eval()(b.x)
     except RuntimeError as e:
-        raise ValueError(f"architecture {arch!r} cannot read the images of {data.name!r} (shape "
-                         f"{tuple(b.x.shape[1:])}): {str(e).splitlines()[0]}. The built-in digits task takes "
-                         "--arch builtin; torchvision / timm models take an ImageFolder root of RGB images") from None
+        raise ValueError(
+            f"architecture {arch!r} cannot read the images of {data.name!r} (shape "
+            f"{tuple(b.x.shape[1:])}): {str(e).splitlines()[0]}. The built-in digits task takes "
+            "--arch builtin; torchvision / timm models take an ImageFolder root of RGB images"
+        ) from None
     finally:
         net.train()
 
@@ -562,6 +655,7 @@ def _bar(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
+
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
@@ -570,8 +664,9 @@ def load_trained(path: str | os.PathLike) -> TransferNet:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     state = ckpt["net"]
-    bundle = build_model(cfg["arch"], len(ckpt["classes"]), weights="none",
-                         in_channels=_in_channels(cfg["data"], state))
+    bundle = build_model(
+        cfg["arch"], len(ckpt["classes"]), weights="none", in_channels=_in_channels(cfg["data"], state)
+    )
     net = bundle.net
     if any(k.startswith("source_head.") for k in state):
         w = state["source_head.weight"]
@@ -585,4 +680,3 @@ def _in_channels(data: str, state: dict) -> int:
         return 1
     first = next((v for k, v in state.items() if v.ndim == 4), None)
     return int(first.shape[1]) if first is not None else 3
-

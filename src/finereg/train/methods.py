@@ -9,6 +9,7 @@ modules (``finereg.weight``, ``finereg.feature``, ``finereg.head``).
 Methods combine with ``+`` (``l2sp+bss``); hyper-parameters default to tllib's example scripts and are changed
 with ``--set method.key=value``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,18 @@ from .data import Batch, TrainData
 from .dist import DistInfo
 from .models import NetOutput, TransferNet
 
-__all__ = ["Recipe", "Context", "StepOut", "REGISTRY", "register", "method_names", "parse_method",
-           "parse_overrides", "build_recipes", "default_weight_decay"]
+__all__ = [
+    "Recipe",
+    "Context",
+    "StepOut",
+    "REGISTRY",
+    "register",
+    "method_names",
+    "parse_method",
+    "parse_overrides",
+    "build_recipes",
+    "default_weight_decay",
+]
 
 
 @dataclass
@@ -86,8 +97,12 @@ class Recipe:
     def __init__(self, **hparams: Any):
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
-            raise unknown_name_error(f"hyper-parameter of {self.name!r}", unknown[0], list(self.defaults),
-                                     hint=f"(valid: {', '.join(self.defaults) or 'none'})")
+            raise unknown_name_error(
+                f"hyper-parameter of {self.name!r}",
+                unknown[0],
+                list(self.defaults),
+                hint=f"(valid: {', '.join(self.defaults) or 'none'})",
+            )
         self.hp = {k: _cast(self.name, k, hparams.get(k, v), v) for k, v in self.defaults.items()}
 
     def __repr__(self) -> str:
@@ -141,8 +156,15 @@ def _cast(method: str, key: str, value: Any, default: Any) -> Any:
 
 
 REGISTRY: dict[str, type[Recipe]] = {}
-_ALIASES = {"baseline": "erm", "l2-sp": "l2sp", "delta:feature-map": "delta", "delta:attention": "delta-attention",
-            "delta:l2sp": "l2sp", "cotuning": "co-tuning", "bituning": "bi-tuning"}
+_ALIASES = {
+    "baseline": "erm",
+    "l2-sp": "l2sp",
+    "delta:feature-map": "delta",
+    "delta:attention": "delta-attention",
+    "delta:l2sp": "l2sp",
+    "cotuning": "co-tuning",
+    "bituning": "bi-tuning",
+}
 
 
 def register(cls: type[Recipe]) -> type[Recipe]:
@@ -174,8 +196,12 @@ def parse_method(spec: str) -> list[str]:
         raise ValueError(f"method {spec!r} has an empty part; join method names with single '+', e.g. l2sp+bss")
     for n in names:
         if n not in REGISTRY:
-            raise unknown_name_error("method", n, method_names(),
-                                     hint=f"(methods: {', '.join(method_names())}; combine with +, e.g. l2sp+bss)")
+            raise unknown_name_error(
+                "method",
+                n,
+                method_names(),
+                hint=f"(methods: {', '.join(method_names())}; combine with +, e.g. l2sp+bss)",
+            )
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"method {dup[0]!r} appears twice in {spec!r}")
@@ -210,26 +236,32 @@ def _split_set(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def build_recipes(spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None, *,
-                  digits: bool = False) -> list[Recipe]:
+def build_recipes(
+    spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None, *, digits: bool = False
+) -> list[Recipe]:
     """The recipes of ``spec`` with their overrides (over the recipes' ``digits_defaults`` on the built-in task,
     over tllib's defaults otherwise); checks that the combination can run together."""
     names = parse_method(spec)
     overrides = dict(overrides or {})
     stray = sorted(set(overrides) - set(names) - {"head-l2"})
     if stray:
-        raise ValueError(f"--set names method {stray[0]!r}, which is not in {spec!r} (methods here: "
-                         f"{', '.join(names)}{', head-l2' if any(REGISTRY[n].head_l2 for n in names) else ''})")
-    recipes = [REGISTRY[n](**{**(REGISTRY[n].digits_defaults if digits else {}), **overrides.get(n, {})})
-               for n in names]
+        raise ValueError(
+            f"--set names method {stray[0]!r}, which is not in {spec!r} (methods here: "
+            f"{', '.join(names)}{', head-l2' if any(REGISTRY[n].head_l2 for n in names) else ''})"
+        )
+    recipes = [
+        REGISTRY[n](**{**(REGISTRY[n].digits_defaults if digits else {}), **overrides.get(n, {})}) for n in names
+    ]
     wrappers = [r.name for r in recipes if r.wraps]
     if len(wrappers) > 1:
         raise ValueError(f"{' and '.join(wrappers)} each replace the network's forward; they cannot be combined")
     if wrappers:
         clash = [r.name for r in recipes if r.needs_features or r.uses_source_head]
         if clash:
-            raise ValueError(f"{wrappers[0]} replaces the network's forward, which then gives neither pooled features "
-                             f"nor source-head outputs; it cannot be combined with {', '.join(clash)}")
+            raise ValueError(
+                f"{wrappers[0]} replaces the network's forward, which then gives neither pooled features "
+                f"nor source-head outputs; it cannot be combined with {', '.join(clash)}"
+            )
     head_l2 = max((r.head_l2 for r in recipes), default=0.0)
     if head_l2 or "head-l2" in overrides:
         recipes.append(HeadL2(**{"trade_off": head_l2, **overrides.get("head-l2", {})}))
@@ -266,6 +298,7 @@ class HeadL2(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..weight.l2 import L2
+
         self.reg = L2(ctx.net, include=["head.*"]) if self.hp["trade_off"] else None
 
     def terms(self, batch, out, ctx):
@@ -284,6 +317,7 @@ class L2Recipe(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..weight.l2 import L2
+
         self.reg = L2(ctx.net, include=["backbone.*"])
 
     def terms(self, batch, out, ctx):
@@ -304,6 +338,7 @@ class L2SPRecipe(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..weight.l2 import L2SP
+
         self.reg = L2SP(ctx.net, anchor=ctx.source, include=["backbone.*"], unanchored="error")
 
     def terms(self, batch, out, ctx):
@@ -342,8 +377,13 @@ class DeltaRecipe(Recipe):
         for w in wanted:
             hits = match_names(names, [w]) or match_names(names, [f"backbone.{w}"])
             if not hits:
-                raise unknown_name_error("layer", w, names, hint="(delta.layers takes module names of the network, "
-                                         "e.g. backbone.layer4.2.conv3, or glob patterns)")
+                raise unknown_name_error(
+                    "layer",
+                    w,
+                    names,
+                    hint="(delta.layers takes module names of the network, "
+                    "e.g. backbone.layer4.2.conv3, or glob patterns)",
+                )
             found += [h for h in hits if h not in found]
         return found
 
@@ -352,8 +392,9 @@ class DeltaRecipe(Recipe):
 
         self.layers = self._layers(ctx)
         if not self.layers:
-            raise ValueError(f"{self.name}: the backbone has no convolution to regularize; give --set "
-                             f"{self.name}.layers=NAME,...")
+            raise ValueError(
+                f"{self.name}: the backbone has no convolution to regularize; give --set {self.name}.layers=NAME,..."
+            )
         self.target = FeatureCapture(ctx.net, self.layers)
         self.source = FeatureCapture(ctx.source, self.layers, detach=True)
         self.penalty = self._penalty(ctx)
@@ -361,10 +402,11 @@ class DeltaRecipe(Recipe):
 
     def _penalty(self, ctx: Context) -> nn.Module:
         from ..feature.delta import BehavioralPenalty
+
         return BehavioralPenalty()
 
     def terms(self, batch, out, ctx):
-        with torch.no_grad(), (ctx.autocast() if ctx.autocast else contextlib.nullcontext()):
+        with torch.no_grad(), ctx.autocast() if ctx.autocast else contextlib.nullcontext():
             ctx.source(batch.x)
         src = {k: v.float() for k, v in self.source.outputs.items()}
         tgt = {k: v.float() for k, v in self.target.outputs.items()}
@@ -386,8 +428,15 @@ class DeltaAttentionRecipe(DeltaRecipe):
 
     name = "delta-attention"
     title = "DELTA (Li et al., ICLR 2019) with channel attention (tllib's attention_feature_map)"
-    defaults = {"trade_off": 0.01, "layers": [], "attention_batch_size": 32, "attention_epochs": 10,
-                "attention_lr_decay_epochs": 6, "attention_iterations": 10, "attention_lr": 0.01}
+    defaults = {
+        "trade_off": 0.01,
+        "layers": [],
+        "attention_batch_size": 32,
+        "attention_epochs": 10,
+        "attention_lr_decay_epochs": 6,
+        "attention_iterations": 10,
+        "attention_lr": 0.01,
+    }
 
     def __init__(self, **hp: Any):
         super().__init__(**hp)
@@ -395,6 +444,7 @@ class DeltaAttentionRecipe(DeltaRecipe):
 
     def _penalty(self, ctx: Context) -> nn.Module:
         from ..feature.delta import AttentionBehavioralPenalty
+
         if self.attention is None:
             self.attention = self._compute(ctx)
         return AttentionBehavioralPenalty({k: self.attention[k].to(ctx.device) for k in self.layers})
@@ -402,11 +452,11 @@ class DeltaAttentionRecipe(DeltaRecipe):
     def _compute(self, ctx: Context) -> dict[str, Tensor]:
         import copy
 
+        from .._utils import get_submodule
         from ..feature.delta import channel_attention, train_attention_classifier
         from . import dist as fdist
         from .data import derive_seed, epoch_plan
 
-        from .._utils import get_submodule
         sizes = [int(get_submodule(ctx.net, n).out_channels) for n in self.layers]
         flat = torch.zeros(sum(sizes), dtype=torch.float64)
         if ctx.dist.is_main:
@@ -420,8 +470,14 @@ class DeltaAttentionRecipe(DeltaRecipe):
                 batches = [(bt.x, bt.y) for bt in train.train_batches(order, seeds, 1, ctx.device)]
                 classifier = copy.deepcopy(ctx.source).requires_grad_(False)
                 classifier.head.reset_parameters()
-                train_attention_classifier(classifier, "head", batches, epochs=hp["attention_epochs"],
-                                           lr=hp["attention_lr"], lr_decay_epochs=hp["attention_lr_decay_epochs"])
+                train_attention_classifier(
+                    classifier,
+                    "head",
+                    batches,
+                    epochs=hp["attention_epochs"],
+                    lr=hp["attention_lr"],
+                    lr_decay_epochs=hp["attention_lr_decay_epochs"],
+                )
                 classifier.eval()
                 att = channel_attention(classifier, self.layers, batches, max_batches=hp["attention_iterations"])
             flat = torch.cat([att[n].double().cpu() for n in self.layers])
@@ -450,12 +506,14 @@ class BSSRecipe(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..feature.bss import BSS
+
         self.bss = BSS(k=self.hp["k"])
 
     def terms(self, batch, out, ctx):
         f = out.features
         if ctx.dist.distributed:
             from torch.distributed.nn.functional import all_gather
+
             f = torch.cat(all_gather(f))
         return {"bss": self.hp["trade_off"] * self.bss(f)}
 
@@ -496,6 +554,7 @@ class LwFRecipe(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..head.kd import KnowledgeDistillation
+
         if self.targets is None:
             self.targets = _source_outputs(ctx)[0]
         self.targets = self.targets.to(ctx.device)
@@ -532,6 +591,7 @@ class CoTuningRecipe(Recipe):
 
     def setup(self, ctx: Context) -> None:
         from ..head.co_tuning import CoTuning, direct_relationship, reverse_relationship
+
         if self.relationship is None:
             logits, labels = _source_outputs(ctx)
             n_t = len(ctx.data.classes)
@@ -568,8 +628,9 @@ class BiTuningRecipe(Recipe):
         from ..head.bi_tuning import BiTuning, BiTuningClassifier
 
         hp = self.hp
-        encoder_q = BiTuningClassifier(net.backbone, len(ctx.data.classes), hp["projection_dim"],
-                                       features_dim=net.head.in_features)
+        encoder_q = BiTuningClassifier(
+            net.backbone, len(ctx.data.classes), hp["projection_dim"], features_dim=net.head.in_features
+        )
         net.head = encoder_q.head  # one head: the network evaluated is the query encoder
         return BiTuning(encoder_q, num_classes=len(ctx.data.classes), K=hp["K"], m=hp["m"], T=hp["T"])
 
@@ -579,7 +640,9 @@ class BiTuningRecipe(Recipe):
 
     def terms(self, batch, out, ctx):
         import torch.nn.functional as F
+
         e = out.extra
-        kl = F.kl_div(e["logits_z"].float(), e["labels_c"], reduction="batchmean") + \
-            F.kl_div(e["logits_y"].float(), e["labels_c"], reduction="batchmean")
+        kl = F.kl_div(e["logits_z"].float(), e["labels_c"], reduction="batchmean") + F.kl_div(
+            e["logits_y"].float(), e["labels_c"], reduction="batchmean"
+        )
         return {"contrastive": self.hp["trade_off"] * kl}

@@ -1,4 +1,5 @@
 """Per-epoch metrics to CSV, JSON lines and TensorBoard, plus the accuracy measures of an evaluation pass."""
+
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,6 @@ from pathlib import Path
 from torch import Tensor
 
 from .._utils import atomic_write
-
 
 __all__ = ["MetricsLogger", "accuracy_from_counts", "write_text_atomic"]
 
@@ -39,14 +39,21 @@ class MetricsLogger:
     files equal an uninterrupted run's; TensorBoard drops events after the resume point (``purge_step``).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, history: list[dict] | None = None, *, enabled: bool = True,
-                 tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        history: list[dict] | None = None,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+    ):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.history: list[dict] = list(history or [])
         self._tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=len(self.history) + 1)
             except ImportError:  # pragma: no cover - tensorboard is in the train extra
                 self._tb = None

@@ -4,6 +4,7 @@ Every model is turned into a :class:`TransferNet`: the pretrained network with i
 ``nn.Identity`` (the ``backbone``, returning pooled features), a new ``head`` for the target classes, and the
 old classifier kept as ``source_head`` (LwF and Co-Tuning read it; it is frozen unless a method trains it).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,17 @@ from torch import Tensor, nn
 
 from .._utils import strip_prefixes, unknown_name_error, unwrap
 
-__all__ = ["BuiltinNet", "TransferNet", "NetOutput", "ModelBundle", "build_model", "list_architectures",
-           "load_weights_file", "default_feature_layers", "split_classifier"]
+__all__ = [
+    "BuiltinNet",
+    "TransferNet",
+    "NetOutput",
+    "ModelBundle",
+    "build_model",
+    "list_architectures",
+    "load_weights_file",
+    "default_feature_layers",
+    "split_classifier",
+]
 
 
 class BuiltinNet(nn.Module):
@@ -98,6 +108,7 @@ class ModelBundle:
 def _torchvision_names() -> list[str]:
     try:
         import torchvision
+
         return list(torchvision.models.list_models())
     except ImportError:
         return []
@@ -106,6 +117,7 @@ def _torchvision_names() -> list[str]:
 def _timm_names() -> list[str]:
     try:
         import timm
+
         return list(timm.list_models())
     except ImportError:
         return []
@@ -118,8 +130,10 @@ def list_architectures() -> list[str]:
 
 def _unknown_arch(name: str) -> KeyError:
     tv, tm = _torchvision_names(), _timm_names()
-    hint = (f"(valid: 'builtin', a torchvision model, {len(tv)} installed, e.g. resnet18, resnet50, or a timm "
-            f"model, {len(tm)} installed; see finereg.train.models.list_architectures())")
+    hint = (
+        f"(valid: 'builtin', a torchvision model, {len(tv)} installed, e.g. resnet18, resnet50, or a timm "
+        f"model, {len(tm)} installed; see finereg.train.models.list_architectures())"
+    )
     if not tv and not tm:
         hint += " torchvision and timm are not installed: pip install 'finereg[vision]'"
     return unknown_name_error("architecture", name, list(dict.fromkeys(["builtin", *tv, *tm])), hint=hint)
@@ -132,18 +146,22 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
     kw = {} if num_classes is None else {"num_classes": num_classes}
     if arch in _torchvision_names():
         import torchvision
+
         weights = None
         if pretrained:
             weights = "DEFAULT" if pretrained == "pretrained" else pretrained
         try:
             return torchvision.models.get_model(arch, weights=weights, **kw)
         except (ValueError, KeyError) as e:
-            raise ValueError(f"torchvision has no weights {pretrained!r} for {arch!r} ({e}); use --weights "
-                             "pretrained, a weight name such as IMAGENET1K_V1, a file, or none") from None
+            raise ValueError(
+                f"torchvision has no weights {pretrained!r} for {arch!r} ({e}); use --weights "
+                "pretrained, a weight name such as IMAGENET1K_V1, a file, or none"
+            ) from None
         except Exception as e:
             raise RuntimeError(_offline_hint(arch, e)) from None
     if arch in _timm_names():
         import timm
+
         try:
             return timm.create_model(arch, pretrained=bool(pretrained), in_chans=in_channels, **kw)
         except Exception as e:
@@ -154,8 +172,10 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
 
 
 def _offline_hint(arch: str, e: Exception) -> str:
-    return (f"could not fetch pretrained weights for {arch!r} ({type(e).__name__}: {e}). Without a network, "
-            "pass a local file with --weights PATH (a state_dict or checkpoint), or --weights none")
+    return (
+        f"could not fetch pretrained weights for {arch!r} ({type(e).__name__}: {e}). Without a network, "
+        "pass a local file with --weights PATH (a state_dict or checkpoint), or --weights none"
+    )
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -200,8 +220,10 @@ def load_weights_file(path: str | os.PathLike) -> OrderedDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read weights file {str(path)!r} ({type(e).__name__}: {e}); it must be a "
-                         "torch.save'd state_dict or checkpoint") from None
+        raise ValueError(
+            f"cannot read weights file {str(path)!r} ({type(e).__name__}: {e}); it must be a "
+            "torch.save'd state_dict or checkpoint"
+        ) from None
     for key in ("net", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -219,15 +241,22 @@ def _as_plain_state(state: dict, head_name: str) -> dict:
     out = OrderedDict()
     for k, v in state.items():
         if k.startswith("backbone."):
-            out[k[len("backbone."):]] = v
+            out[k[len("backbone.") :]] = v
         elif k.startswith("head."):
-            out[f"{head_name}.{k[len('head.'):]}"] = v
+            out[f"{head_name}.{k[len('head.') :]}"] = v
     return out
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build_model(arch: str, num_classes: int, *, weights: str | None = None, in_channels: int = 3,
-                cache_dir: str | os.PathLike | None = None, log=print) -> ModelBundle:
+def build_model(
+    arch: str,
+    num_classes: int,
+    *,
+    weights: str | None = None,
+    in_channels: int = 3,
+    cache_dir: str | os.PathLike | None = None,
+    log=print,
+) -> ModelBundle:
     """The :class:`TransferNet` for ``arch`` with ``weights`` and a new head of ``num_classes`` outputs.
 
     ``weights``: ``builtin`` (the built-in pretrained digits network, only for ``arch='builtin'``), a path to a
@@ -243,12 +272,17 @@ def build_model(arch: str, num_classes: int, *, weights: str | None = None, in_c
     source_classes: int | None = None
     if weights == "builtin":
         if arch != "builtin":
-            raise ValueError(f"--weights builtin is the built-in digits network; it does not fit arch {arch!r}. "
-                             "Use --weights pretrained, a file, or none")
+            raise ValueError(
+                f"--weights builtin is the built-in digits network; it does not fit arch {arch!r}. "
+                "Use --weights pretrained, a file, or none"
+            )
         if in_channels != 1:
-            raise ValueError("the built-in pretrained network reads 1-channel 8x8 digits; with this data use "
-                             "--weights none or another architecture")
+            raise ValueError(
+                "the built-in pretrained network reads 1-channel 8x8 digits; with this data use "
+                "--weights none or another architecture"
+            )
         from .builtin import pretrained_state
+
         state = pretrained_state(cache_dir, log=log)
         model = BuiltinNet(state["fc.weight"].shape[0], in_channels)
         model.load_state_dict(state)
@@ -266,13 +300,16 @@ def build_model(arch: str, num_classes: int, *, weights: str | None = None, in_c
             model.load_state_dict(state)
         except RuntimeError as e:
             detail = " ".join(str(e).split("\n", 1)[-1].split())[:300]
-            raise ValueError(f"weights {weights!r} do not fit {arch!r} ({detail}). Is it a state_dict of this "
-                             "architecture?") from None
+            raise ValueError(
+                f"weights {weights!r} do not fit {arch!r} ({detail}). Is it a state_dict of this architecture?"
+            ) from None
         source_classes = rows
     else:
         if arch == "builtin":
-            raise ValueError(f"--weights {weights!r} names hub weights, which the built-in network has none of; "
-                             "use --weights builtin (its pretrained digits network), a file, or none")
+            raise ValueError(
+                f"--weights {weights!r} names hub weights, which the built-in network has none of; "
+                "use --weights builtin (its pretrained digits network), a file, or none"
+            )
         model = _create(arch, None, in_channels, weights)
         source_classes = None
     backbone, old_head, _ = split_classifier(model)
@@ -306,8 +343,9 @@ def default_feature_layers(net: TransferNet, max_layers: int = 4) -> list[str]:
         break
     containers = [(n, m) for n, m in kids if not isinstance(m, nn.Conv2d)]
     if containers:
-        names = [f"{prefix}.{n}.{[c for c, x in m.named_modules() if isinstance(x, nn.Conv2d)][-1]}"
-                 for n, m in containers]
+        names = [
+            f"{prefix}.{n}.{[c for c, x in m.named_modules() if isinstance(x, nn.Conv2d)][-1]}" for n, m in containers
+        ]
     else:
         names = [f"{prefix}.{n}" for n, _ in kids[1:]]
     return names[-max_layers:]

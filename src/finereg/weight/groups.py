@@ -18,6 +18,7 @@ Matrix view of a weight ``W`` (``matrix_view``):
 Members always read the *current* tensor with ``getattr(module, name)``, so parametrized weights
 (:func:`finereg.reparam.freeze.freeze`, weight standardization) are seen as the model uses them.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from finereg._utils import get_submodule, match_names, strip_prefixes, unknown_name_error, unwrap
+from .._utils import get_submodule, match_names, strip_prefixes, unknown_name_error, unwrap
 
 __all__ = ["WeightGroup", "matrix_view", "matrix_to_weight", "weight_matrix", "GroupMember"]
 
@@ -56,7 +57,8 @@ def matrix_view(weight: Tensor, module: nn.Module | None = None, name: str = "we
         raise ValueError(
             f"cannot view a {weight.dim()}-D tensor of shape {tuple(weight.shape)} as a matrix with one row per "
             "output unit; weight groups take tensors with at least 2 dims (conv/linear weights, not biases or "
-            "norm scales)")
+            "norm scales)"
+        )
     if not _is_transposed(module, name):
         return weight.reshape(weight.shape[0], -1)
     g = _groups(module)
@@ -87,7 +89,9 @@ def weight_matrix(module: nn.Module, name: str = "weight") -> Tensor:
 def _read(module: nn.Module, name: str, label: str) -> Tensor:
     value = getattr(module, name, None)
     if not isinstance(value, Tensor):
-        names = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        names = [n for n, _ in module.named_parameters(recurse=False)] + [
+            n for n, _ in module.named_buffers(recurse=False)
+        ]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
         raise unknown_name_error("tensor", name, sorted(set(names)), hint=f"on {label} ({type(module).__name__})")
@@ -129,8 +133,14 @@ class WeightGroup:
     parameters are never registered twice); :meth:`matrix` / :meth:`matrices` read the current weights.
     """
 
-    def __init__(self, members: nn.Module | str | Sequence[nn.Module | str], model: nn.Module | None = None,
-                 *, param: str = "weight", axis: int | None = 0):
+    def __init__(
+        self,
+        members: nn.Module | str | Sequence[nn.Module | str],
+        model: nn.Module | None = None,
+        *,
+        param: str = "weight",
+        axis: int | None = 0,
+    ):
         if not isinstance(param, str) or not param:
             raise TypeError(f"param must be a non-empty attribute name such as 'weight', got {param!r}")
         if axis not in (0, 1, None) or isinstance(axis, bool):
@@ -150,8 +160,9 @@ class WeightGroup:
         if isinstance(members, (nn.Module, str)):
             members = [members]
         elif not isinstance(members, Sequence):
-            raise TypeError("members must be a module, a name / glob pattern, or a sequence of them; "
-                            f"got {type(members).__name__}")
+            raise TypeError(
+                f"members must be a module, a name / glob pattern, or a sequence of them; got {type(members).__name__}"
+            )
         names_of = {id(m): n for n, m in model.named_modules()} if model is not None else {}
         out: list[GroupMember] = []
         seen: set[int] = set()
@@ -162,8 +173,9 @@ class WeightGroup:
                 found = [(label, item)]
             elif isinstance(item, str):
                 if model is None:
-                    raise ValueError(f"member {item!r} is a name; pass model=... to look it up "
-                                     "(or pass the module object itself)")
+                    raise ValueError(
+                        f"member {item!r} is a name; pass model=... to look it up (or pass the module object itself)"
+                    )
                 found = self._lookup(item, model)
             else:
                 raise TypeError(f"member {i} must be an nn.Module or a name / glob pattern, got {type(item).__name__}")
@@ -174,8 +186,10 @@ class WeightGroup:
                 member = GroupMember(label, module, self.param)
                 t = member.tensor()
                 if t.dim() < 2:
-                    raise ValueError(f"{label}.{self.param} has shape {tuple(t.shape)}; weight groups take tensors "
-                                     "with at least 2 dims (one row per output unit)")
+                    raise ValueError(
+                        f"{label}.{self.param} has shape {tuple(t.shape)}; weight groups take tensors "
+                        "with at least 2 dims (one row per output unit)"
+                    )
                 out.append(member)
         return out
 
@@ -184,29 +198,43 @@ class WeightGroup:
         if not (_GLOB_CHARS & set(pattern)):
             return [(pattern, get_submodule(model, pattern))]
         named = dict(model.named_modules())
-        usable = [n for n, m in named.items()
-                  if isinstance(getattr(m, self.param, None), Tensor) and getattr(m, self.param).dim() >= 2]
+        usable = [
+            n
+            for n, m in named.items()
+            if isinstance(getattr(m, self.param, None), Tensor) and getattr(m, self.param).dim() >= 2
+        ]
         hits = match_names(usable, pattern)
         if not hits:
-            raise unknown_name_error(f"module with a ≥2-D {self.param!r}", pattern, usable,
-                                     hint="(no match for this pattern; patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')")
+            raise unknown_name_error(
+                f"module with a ≥2-D {self.param!r}",
+                pattern,
+                usable,
+                hint="(no match for this pattern; patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')",
+            )
         return [(n, named[n]) for n in hits]
 
     def _check_joinable(self) -> None:
         shapes = {m.name: tuple(m.matrix().shape) for m in self.members}
         tensors = [m.tensor() for m in self.members]
         if len({(t.dtype, t.device) for t in tensors}) > 1:
-            raise ValueError("members of a joined group must share dtype and device; got "
-                             + ", ".join(f"{m.name}: {t.dtype} on {t.device}" for m, t in zip(self.members, tensors)))
+            raise ValueError(
+                "members of a joined group must share dtype and device; got "
+                + ", ".join(f"{m.name}: {t.dtype} on {t.device}" for m, t in zip(self.members, tensors))
+            )
         other = 1 - self.axis
         if len({s[other] for s in shapes.values()}) > 1:
             what = "columns" if self.axis == 0 else "rows"
             listing = ", ".join(f"{n}: {s[0]}×{s[1]}" for n, s in shapes.items())
-            alt = ("axis=1 (columns side by side; needs equal row counts)" if self.axis == 0
-                   else "axis=0 (rows stacked; needs equal column counts)")
-            raise ValueError(f"cannot join along axis={self.axis}: the members' matrices have different numbers "
-                             f"of {what} ({listing}). Use {alt}, axis=None (a penalty on each matrix, summed), "
-                             "or separate groups")
+            alt = (
+                "axis=1 (columns side by side; needs equal row counts)"
+                if self.axis == 0
+                else "axis=0 (rows stacked; needs equal column counts)"
+            )
+            raise ValueError(
+                f"cannot join along axis={self.axis}: the members' matrices have different numbers "
+                f"of {what} ({listing}). Use {alt}, axis=None (a penalty on each matrix, summed), "
+                "or separate groups"
+            )
 
     # -- reading ------------------------------------------------------------------------------------------
     @property

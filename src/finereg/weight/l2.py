@@ -35,21 +35,22 @@ call, so gradual unfreezing works: a frozen weight's penalty is a constant that 
 logged value, and the fused mode must not create a ``.grad`` an optimizer would then apply. tllib counts
 every parameter in the value; :mod:`finereg.compat.tllib` passes ``skip_frozen=False`` to match it.
 """
+
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from finereg._utils import close_matches, match_names, strip_prefixes, unwrap
+from .._utils import close_matches, match_names, strip_prefixes, unwrap
 
 __all__ = ["L2", "L2SP", "canonical_name"]
 
-Patterns = Union[str, Sequence[str], None]
-Anchor = Union[nn.Module, Mapping[str, Tensor], None]
+Patterns = str | Sequence[str] | None
+Anchor = nn.Module | Mapping[str, Tensor] | None
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
@@ -82,8 +83,10 @@ def _anchor_tensors(anchor: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
                 raise TypeError(f"anchor[{name!r}] is a {type(t).__name__}, not a tensor; pass a model or a state_dict")
             out.setdefault(canonical_name(str(name)), t)
         return out
-    raise TypeError(f"anchor must be a source model, a state_dict (name → tensor) or None (snapshot the model), "
-                    f"got {type(anchor).__name__}")
+    raise TypeError(
+        f"anchor must be a source model, a state_dict (name → tensor) or None (snapshot the model), "
+        f"got {type(anchor).__name__}"
+    )
 
 
 def _select(names: list[str], patterns: Patterns, what: str) -> list[str]:
@@ -96,8 +99,11 @@ def _select(names: list[str], patterns: Patterns, what: str) -> list[str]:
             raise TypeError(f"{what} patterns must be strings (globs like 'layer4.*' or '*.bias'), got {p!r}")
         if not match_names(names, p):
             near = close_matches(p, names)
-            hint = f"did you mean one of: {', '.join(map(repr, near))}?" if near else \
-                f"parameter names look like: {', '.join(map(repr, names[:6]))}{' ...' if len(names) > 6 else ''}"
+            hint = (
+                f"did you mean one of: {', '.join(map(repr, near))}?"
+                if near
+                else f"parameter names look like: {', '.join(map(repr, names[:6]))}{' ...' if len(names) > 6 else ''}"
+            )
             raise KeyError(f"{what} pattern {p!r} matches no parameter of the model; {hint}")
     return match_names(names, pats)
 
@@ -174,8 +180,14 @@ class _HalfSquaredDistance(torch.autograd.Function):
 class _WeightPenalty(nn.Module):
     """Shared machinery: anchored parameters (pulled to an anchor buffer) and unanchored ones (pulled to 0)."""
 
-    def __init__(self, anchored: list[tuple[str, Tensor, Tensor]], unanchored: list[tuple[str, Tensor]],
-                 alpha: float, beta: float, skip_frozen: bool):
+    def __init__(
+        self,
+        anchored: list[tuple[str, Tensor, Tensor]],
+        unanchored: list[tuple[str, Tensor]],
+        alpha: float,
+        beta: float,
+        skip_frozen: bool,
+    ):
         super().__init__()
         if not isinstance(skip_frozen, bool):
             raise TypeError(f"skip_frozen must be True or False, got {skip_frozen!r}")
@@ -206,7 +218,9 @@ class _WeightPenalty(nn.Module):
         name = canonical_name(name)
         if name not in self._anchored_names:
             near = close_matches(name, self._anchored_names)
-            raise KeyError(f"no anchor for {name!r}" + (f"; did you mean one of: {', '.join(map(repr, near))}?" if near else ""))
+            raise KeyError(
+                f"no anchor for {name!r}" + (f"; did you mean one of: {', '.join(map(repr, near))}?" if near else "")
+            )
         return self.anchors.get_buffer(_buffer_name(name))
 
     # -- the two modes ------------------------------------------------------------------------------------
@@ -272,8 +286,10 @@ class _WeightPenalty(nn.Module):
             _add_into_grads(pu, pu, cu, fresh=False)
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha:g}, beta={self.beta:g}, anchored={len(self._anchored_names)}, "
-                f"unanchored={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}")
+        return (
+            f"alpha={self.alpha:g}, beta={self.beta:g}, anchored={len(self._anchored_names)}, "
+            f"unanchored={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}"
+        )
 
 
 def _add_into_grads(params: list[Tensor], terms: list[Tensor], coef: float, fresh: bool) -> None:
@@ -326,9 +342,19 @@ class L2SP(_WeightPenalty):
         # or: ce(model(x), y).backward(); reg.add_grad_(); opt.step() # (b) fused into .grad
     """
 
-    def __init__(self, model: nn.Module, anchor: Anchor = None, *, alpha: float = 1.0, beta: float | None = None,
-                 include: Patterns = None, exclude: Patterns = None, new_params: Patterns = None,
-                 unanchored: Literal["l2", "ignore", "error"] = "l2", skip_frozen: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        anchor: Anchor = None,
+        *,
+        alpha: float = 1.0,
+        beta: float | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        new_params: Patterns = None,
+        unanchored: Literal["l2", "ignore", "error"] = "l2",
+        skip_frozen: bool = True,
+    ):
         alpha = _coef(alpha, "alpha")
         beta = alpha if beta is None else _coef(beta, "beta")
         if unanchored not in ("l2", "ignore", "error"):
@@ -338,8 +364,11 @@ class L2SP(_WeightPenalty):
         chosen = _chosen(names, include, exclude)
         new = set(_select(names, new_params, "new_params"))
 
-        anchors = {n: p for n, p in params.items()} if anchor is None or anchor is model or \
-            (isinstance(anchor, nn.Module) and unwrap(anchor) is unwrap(model)) else _anchor_tensors(anchor)
+        anchors = (
+            {n: p for n, p in params.items()}
+            if anchor is None or anchor is model or (isinstance(anchor, nn.Module) and unwrap(anchor) is unwrap(model))
+            else _anchor_tensors(anchor)
+        )
         anchored, missing, bad_shape = [], [], []
         for n in chosen:
             if n in new or n not in anchors:
@@ -351,24 +380,32 @@ class L2SP(_WeightPenalty):
         if bad_shape:
             raise ValueError(
                 "anchor tensors have a different shape than the model's parameters of the same name:\n  "
-                + "\n  ".join(bad_shape) + "\nA replaced layer (e.g. a new classifier head) is new: pass "
-                "new_params=[...] with its names to give it plain L2, or exclude=[...] to leave it out")
+                + "\n  ".join(bad_shape)
+                + "\nA replaced layer (e.g. a new classifier head) is new: pass "
+                "new_params=[...] with its names to give it plain L2, or exclude=[...] to leave it out"
+            )
         if not anchored and anchor is not None:
             an = list(anchors)
             raise ValueError(
                 "no parameter of the model matched a tensor of the anchor by name.\n  model: "
-                + ", ".join(chosen[:8]) + (" ..." if len(chosen) > 8 else "") + "\n  anchor: "
+                + ", ".join(chosen[:8])
+                + (" ..." if len(chosen) > 8 else "")
+                + "\n  anchor: "
                 + (", ".join(an[:8]) + (" ..." if len(an) > 8 else "") if an else "(empty)")
                 + "\nPass the source model (or its state_dict) whose parameter names are the model's "
-                "(wrapper prefixes 'module.' / '_orig_mod.' are ignored on both sides)")
+                "(wrapper prefixes 'module.' / '_orig_mod.' are ignored on both sides)"
+            )
         if missing and unanchored == "error":
             lines = []
             for n in missing[:10]:
                 near = close_matches(n, list(anchors), n=3)
                 lines.append(f"{n}" + (f" (anchor has: {', '.join(near)})" if near else ""))
-            raise KeyError("no anchor for these parameters: " + "; ".join(lines)
-                           + (" ..." if len(missing) > 10 else "")
-                           + ". Use unanchored='l2' to give them plain L2, or 'ignore' / exclude=[...] to leave them out")
+            raise KeyError(
+                "no anchor for these parameters: "
+                + "; ".join(lines)
+                + (" ..." if len(missing) > 10 else "")
+                + ". Use unanchored='l2' to give them plain L2, or 'ignore' / exclude=[...] to leave them out"
+            )
         unanch = [(n, params[n]) for n in missing] if unanchored == "l2" else []
         if not anchored and not unanch:
             raise ValueError("no parameter is left to regularize (all unanchored and unanchored='ignore')")
@@ -388,8 +425,15 @@ class L2(_WeightPenalty):
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
     """
 
-    def __init__(self, model: nn.Module, *, alpha: float = 1.0, include: Patterns = None, exclude: Patterns = None,
-                 skip_frozen: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float = 1.0,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        skip_frozen: bool = True,
+    ):
         alpha = _coef(alpha, "alpha")
         params = _named_params(model, "model")
         names = list(params)

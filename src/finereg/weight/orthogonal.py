@@ -22,6 +22,7 @@ Gram on the smaller side: for a tall W (n > m) the n × n Gram W Wᵀ is never f
 O(min(n,m)² · max(n,m)) and DSO = 2‖G − I_k‖²_F + (K − k) with G the k × k Gram, k = min(n, m),
 K = max(n, m). Orthogonality and MC need the n × n cosine matrix itself (absolute values / a max).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,11 +33,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from finereg.weight.groups import WeightGroup
+from .groups import WeightGroup
 
 __all__ = [
-    "GroupPenalty", "Orthogonality", "SoftOrthogonality", "DoubleSoftOrthogonality", "MutualCoherence", "SRIP",
-    "CallablePenalty", "create_penalty", "keras_orthogonality",
+    "GroupPenalty",
+    "Orthogonality",
+    "SoftOrthogonality",
+    "DoubleSoftOrthogonality",
+    "MutualCoherence",
+    "SRIP",
+    "CallablePenalty",
+    "create_penalty",
+    "keras_orthogonality",
 ]
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the norm floor of keras.ops.normalize
@@ -139,8 +147,9 @@ class GroupPenalty(nn.Module):
     units), a :class:`WeightGroup`, or a list of them.
     """
 
-    def __init__(self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None,
-                 coef: float = 1.0):
+    def __init__(
+        self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, coef: float = 1.0
+    ):
         super().__init__()
         self.groups = _as_groups(groups)
         self.coef = _check_coef(coef)
@@ -154,14 +163,17 @@ class GroupPenalty(nn.Module):
     def _inputs(self, target) -> tuple[list[Tensor], str]:
         if target is None:
             if not self.groups:
-                raise ValueError(f"{type(self).__name__} has no groups: construct it with a WeightGroup "
-                                 "(or a module) or call it on a matrix / WeightGroup")
+                raise ValueError(
+                    f"{type(self).__name__} has no groups: construct it with a WeightGroup "
+                    "(or a module) or call it on a matrix / WeightGroup"
+                )
             return [m for g in self.groups for m in g.penalty_inputs()], "g"
         if isinstance(target, Tensor):
             if target.dim() != 2:
                 raise ValueError(
                     f"a penalty takes a 2-D matrix (rows = output units), got shape {tuple(target.shape)}; for a "
-                    "layer's weight use WeightGroup(module) or finereg.weight.groups.weight_matrix(module)")
+                    "layer's weight use WeightGroup(module) or finereg.weight.groups.weight_matrix(module)"
+                )
             return [target], "c"
         return [m for g in _as_groups(target) for m in g.penalty_inputs()], "c"
 
@@ -284,8 +296,9 @@ class SRIP(GroupPenalty):
     with two products; persistence gives a better estimate for less work.
     """
 
-    def __init__(self, groups=None, coef: float = 1.0, n_power_iterations: int = 1, squared: bool = False,
-                 eps: float = 1e-12):
+    def __init__(
+        self, groups=None, coef: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
+    ):
         super().__init__(groups, coef)
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
             raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
@@ -328,16 +341,18 @@ class SRIP(GroupPenalty):
         sigma = self._apply(w, u.clone()).norm(dim=-1)
         return sigma.square() if self.squared else sigma
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # vectors are created lazily (one per bucket of matrices): accept the saved ones
         for k, v in state_dict.items():
-            if k.startswith(prefix + "u_") and "." not in k[len(prefix):]:
-                name = k[len(prefix):]
+            if k.startswith(prefix + "u_") and "." not in k[len(prefix) :]:
+                name = k[len(prefix) :]
                 if getattr(self, name, None) is None or tuple(getattr(self, name).shape) != tuple(v.shape):
                     self.register_buffer(name, torch.empty_like(v))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, n_power_iterations={self.n_power_iterations}, squared={self.squared}"

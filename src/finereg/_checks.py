@@ -1,0 +1,96 @@
+"""Argument validation with one message shape, and the base class of expected user errors.
+
+Every public function checks its inputs with these helpers, as Keras' regularizers validate theirs with one
+function: a bad value raises :class:`FineregError` (a ``ValueError``) reading ``"<name> must be <rule>, got
+<value>"``, so the command line can print it as one clear line while anything unexpected keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from typing import Any
+
+__all__ = ["FineregError", "UnknownNameError", "check_number", "check_int", "check_choice", "check_bool"]
+
+
+class FineregError(ValueError):
+    """An expected error caused by the user's input (a bad argument, file or setting); its message says what is
+    wrong and how to fix it. The ``finereg`` command prints it as one line; other exceptions keep their traceback."""
+
+
+class UnknownNameError(FineregError, KeyError):
+    """A name (module, parameter, method, architecture ...) that does not exist; the message lists close matches.
+    Also a ``KeyError``, so code that looks names up in mappings can catch it as one."""
+
+    def __str__(self) -> str:  # KeyError would print the message with extra quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def _rule(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    return " and ".join(parts)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = True,
+) -> float:
+    """``value`` as a float, checked: a real number (not a bool), finite unless ``finite=False``, and inside the
+    bounds (``low <= value <= high``; ``low_open`` / ``high_open`` make them strict)."""
+    rule = _rule(low, high, low_open, high_open)
+    what = "a finite number" if finite else "a number"
+    if rule:
+        what += f" {rule}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    v = float(value)
+    if (finite and not math.isfinite(v)) or math.isnan(v):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int, checked: an integer (``2.0`` is accepted, ``2.7`` and ``True`` are not) inside
+    ``[low, high]``."""
+    what = "an integer" + (f" {_rule(low, high, False, False)}" if low is not None or high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    elif math.isfinite(float(value)) and float(value).is_integer():
+        v = int(value)
+    else:
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise FineregError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise FineregError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` if it is a bool (``0`` / ``1`` and strings are refused: they hide typos)."""
+    if not isinstance(value, bool):
+        raise FineregError(f"{name} must be True or False, got {value!r}")
+    return value
