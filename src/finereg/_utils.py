@@ -62,7 +62,8 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
 
 
 def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> UnknownNameError:
-    """An :class:`UnknownNameError` (a ``KeyError``) for an unknown ``name`` that lists close matches among ``candidates``."""
+    """An :class:`UnknownNameError` (a ``KeyError``) for an unknown ``name``, listing close matches among
+    ``candidates``."""
     candidates = list(candidates)
     near = close_matches(name, candidates)
     msg = f"no {kind} named {name!r}"
