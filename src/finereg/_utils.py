@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
@@ -115,6 +116,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp creates the file 0600: give it the mode open() would (umask)
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -125,6 +128,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path if replace else Path(tmp)
+
+
+def _umask() -> int:
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def name_list(names: str | Iterable[str], what: str, example: str) -> list[str]:

@@ -1,10 +1,18 @@
-"""finereg bench: the grid runs, the table / CSV / PNG are written, a rerun reuses finished runs."""
+"""finereg bench: the grid runs, the table / CSV / PNG are written, a rerun reuses finished runs; a signal stops
+it cleanly and its workers never outlive it."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from finereg.train.bench import markdown_table, summarize
+from finereg.train.checkpoint import load_checkpoint
 from finereg.train.cli import main
 
 TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress"]
@@ -91,4 +99,138 @@ def test_bench_bad_input(tmp_path, capsys):
     assert main(["bench", "--methods", "erm,nosuch", "--out", str(tmp_path), *TINY]) == 2
     assert "no method named 'nosuch'" in capsys.readouterr().err
     assert main(["bench", "--rates", "0,50", "--out", str(tmp_path), *TINY]) == 2
-    assert "percentages" in capsys.readouterr().err
+    assert (
+        "each sampling rate (a percentage) must be a finite number > 0 and <= 100, got 0.0" in capsys.readouterr().err
+    )
+
+
+def test_bench_stops_cleanly_on_ctrl_c_and_finishes_on_rerun(tmp_path):
+    """SIGINT to the bench process alone (as ``kill -INT``; a terminal's Ctrl-C also reaches the workers): the
+    running fits checkpoint, the command writes what finished and exits 130; the same command finishes the grid."""
+    out = tmp_path / "b"
+    cmd = [
+        sys.executable,
+        "-m",
+        "finereg",
+        "bench",
+        "--methods",
+        "erm,l2sp",
+        "--rates",
+        "30",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "40",
+        "--jobs",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("runs/*/last.pt")) and time.time() < deadline:  # the fits are under way
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted: run the same command" in output
+    ckpts = [load_checkpoint(p) for p in out.glob("runs/*/last.pt")]
+    assert ckpts and all(c["epoch"] < 40 for c in ckpts)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(",40," in r for r in rows[1:]), rows  # every run trained its 40 epochs
+
+
+def _bench_cmd(out: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "finereg", "bench", "--methods", "erm,l2sp", "--rates", "30", "--seeds", "0,1",
+            "--epochs", str(epochs), "--jobs", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_and_wait_for_training(out: Path, epochs: int) -> tuple[subprocess.Popen, set[int]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _bench_cmd(out, epochs), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while len(list(out.glob("runs/*/last.pt"))) < 2 and time.time() < deadline:  # both workers are training
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert len(list(out.glob("runs/*/last.pt"))) == 2 and len(workers) >= 2, workers
+    return proc, workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigterm_stops_the_bench_like_ctrl_c_and_leaves_no_process(tmp_path):
+    out = tmp_path / "b"
+    proc, workers = _start_and_wait_for_training(out, 60)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted: run the same command" in output, output
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)]
+    ckpts = [load_checkpoint(p) for p in out.glob("runs/*/last.pt")]
+    assert ckpts and all(c["epoch"] < 60 for c in ckpts)
+    done = subprocess.run(_bench_cmd(out, 60), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert all(",60," in r for r in (out / "results.csv").read_text().splitlines()[1:])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_workers_checkpoint_and_exit_when_the_bench_is_killed(tmp_path):
+    out = tmp_path / "b"
+    proc, workers = _start_and_wait_for_training(out, 1000)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "orphaned bench workers are still running"
+    runs = sorted(out.glob("runs/*/last.pt"))
+    assert len(runs) == 2  # the queued runs never started
+    for p in runs:  # each running fit saved a checkpoint mid-epoch, which resumes
+        assert 0 < load_checkpoint(p)["epoch"] < 1000 or load_checkpoint(p)["step"] > 0
+
+
+def test_duplicates_in_the_grid_are_refused(tmp_path, capsys):
+    for args, said in (
+        (["--seeds", "0,0"], "--seeds lists 0 more than once"),
+        (["--rates", "15,15"], "--rates lists 15.0 more than once"),
+        (["--methods", "l2-sp,l2sp"], "--methods lists l2sp more than once"),
+    ):
+        assert main(["bench", *args, "--out", str(tmp_path / "b"), *TINY]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "--seeds", "abc", "--out", str(tmp_path / "b")])
+    assert "argument --seeds: must be comma-separated integers, got 'abc'" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_bench_is_refused(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("mine")
+    assert main(["bench", "--methods", "erm", "--rates", "30", "--seeds", "0", "--out", str(tmp_path), *TINY]) == 2
+    assert "holds no finereg bench (results.csv)" in capsys.readouterr().err
+    assert (tmp_path / "results.csv").read_text() == "mine"

@@ -1,5 +1,8 @@
 """The finereg command: fit, methods, demo, bad input -> clear errors and exit codes."""
 
+import os
+import re
+
 from finereg.train.checkpoint import load_checkpoint
 from finereg.train.cli import main
 
@@ -44,3 +47,17 @@ def test_demo_runs_l2sp_delta_bss(tmp_path, capsys):
     ck = load_checkpoint(tmp_path / "demo")
     assert ck["epoch"] == 6 and {"train_l2sp", "train_delta", "train_bss", "train_l2_head"} <= set(ck["history"][-1])
     assert "epoch 6/6:" in out and "train_delta=" in out  # the loss terms of each epoch are shown
+
+
+def test_os_errors_are_one_clear_line(tmp_path, capsys):
+    """Before: a read-only or impossible --out gave a traceback."""
+    (tmp_path / "file").write_text("x")
+    assert main(["fit", "--out", str(tmp_path / "file" / "run"), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finereg fit: error: Not a directory: ") and "Traceback" not in err and err.count("\n") == 1
+    if os.path.isdir("/sys"):  # sysfs refuses new directories, even to root: a read-only --out
+        assert main(["fit", "--out", "/sys/finereg-test-run", "--epochs", "1", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(
+            r"finereg fit: error: (Operation not permitted|Permission denied): /sys/finereg-test-run\n", err
+        )

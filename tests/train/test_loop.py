@@ -14,6 +14,7 @@ import torch
 
 from finereg.train.checkpoint import LAST, PREV, CheckpointError, load_checkpoint
 from finereg.train.loop import FitConfig, evaluate, fit, load_trained
+from finereg.train.run_dir import RunDirError
 
 QUIET = dict(log=lambda m: None)
 
@@ -90,7 +91,7 @@ def test_a_finished_run_is_not_overwritten(tmp_path, tiny):
     cfg = tiny(tmp_path)
     fit(cfg, **QUIET)
     before = (Path(cfg.out) / LAST).read_bytes()
-    with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--overwrite"):
         fit(cfg, **QUIET)
     assert (Path(cfg.out) / LAST).read_bytes() == before
     res = fit(FitConfig(**{**cfg.__dict__, "overwrite": True, "epochs": 1}), **QUIET)

@@ -16,15 +16,17 @@ import math
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import FineregError, check_int, check_number
 from .checkpoint import LAST
 from .data import SAMPLE_RATES
 from .loop import FitConfig, fit
 from .methods import method_names, parse_method
 from .metrics import write_text_atomic
+from .run_dir import bench_dir
+from .runner import check_stop, run_all
 
 __all__ = ["BenchConfig", "BenchResult", "bench", "summarize", "markdown_table", "plot"]
 
@@ -71,13 +73,11 @@ def _run_name(method: str, rate: float, seed: int) -> str:
 def _one(cfg: FitConfig) -> dict | None:
     """One run (fresh, or resumed from its directory); its final metrics as a row. ``None`` when the bench was
     stopped before the run began; a run in progress when it is stopped saves a checkpoint and ends."""
-    if _STOP is not None and _STOP.is_set():
-        return None
     run_dir = Path(cfg.out)
     if (run_dir / LAST).exists():
         cfg = dataclasses.replace(cfg, resume=str(run_dir))
     t0 = time.perf_counter()
-    res = fit(cfg, log=lambda msg: None, on_step=_check_stop)
+    res = fit(cfg, log=lambda msg: None, on_step=check_stop)
     f = res.final
     return {
         "method": cfg.method,
@@ -90,26 +90,6 @@ def _one(cfg: FitConfig) -> dict | None:
         "interrupted": res.interrupted,
         "run_dir": str(run_dir),
     }
-
-
-_STOP = None  # in a worker process: the bench's stop event
-
-
-def _check_stop(_info) -> None:
-    if _STOP is not None and _STOP.is_set():
-        raise KeyboardInterrupt  # fit saves a checkpoint and returns an interrupted result
-
-
-def _init_worker(stop) -> None:
-    """A worker: one thread; Ctrl-C ignored outside a fit (a fit handles it: checkpoint, then stop)."""
-    global _STOP
-    import signal
-
-    import torch
-
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _STOP = stop
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -192,15 +172,31 @@ def _csv(rows: list[dict]) -> str:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the grid, write results.csv / summary.csv / summary.md / accuracy_vs_rate.png, print the table."""
-    t0 = time.perf_counter()
     methods = ["+".join(parse_method(m)) for m in cfg.methods]  # validate (and normalize) before any work
     if not methods or not cfg.rates or not cfg.seeds:
-        raise ValueError("bench needs at least one method, one sampling rate and one seed")
-    for r in cfg.rates:
-        if not 0 < r <= 100:
-            raise ValueError(f"sampling rates are percentages in (0, 100], got {r}")
+        raise FineregError("bench needs at least one method, one sampling rate and one seed")
+    rates = [check_number(r, "each sampling rate (a percentage)", low=0, high=100, low_open=True) for r in cfg.rates]
+    seeds = [check_int(s, "each seed") for s in cfg.seeds]
+    for what, values, given in (
+        ("--methods", methods, cfg.methods),
+        ("--rates", rates, cfg.rates),
+        ("--seeds", seeds, cfg.seeds),
+    ):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            raise FineregError(
+                f"{what} lists {', '.join(twice)} more than once ({', '.join(map(str, given))}; aliases count as "
+                "their method): each run would be counted twice in the mean and its std. List each once"
+            )
     out = Path(cfg.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    with bench_dir(out):
+        return _bench(cfg, methods, rates, seeds, out, log)
+
+
+def _bench(
+    cfg: BenchConfig, methods: list[str], rates: list[float], seeds: list[int], out: Path, log: Callable[[str], None]
+) -> BenchResult:
+    t0 = time.perf_counter()
     jobs = max(1, cfg.jobs or _cores())
     base = dataclasses.replace(cfg.base, progress=False, tensorboard=False, resume=False, overwrite=False)
     if base.arch == "builtin" and base.weights in (None, "builtin"):
@@ -212,62 +208,33 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
             base, method=m, sample_rate=float(r), seed=int(s), out=str(out / "runs" / _run_name(m, r, s))
         )
         for m in methods
-        for r in cfg.rates
-        for s in cfg.seeds
+        for r in rates
+        for s in seeds
     ]
     log(
-        f"bench: {len(methods)} methods x {len(cfg.rates)} rates x {len(cfg.seeds)} seeds = {len(grid)} runs on "
+        f"bench: {len(methods)} methods x {len(rates)} rates x {len(seeds)} seeds = {len(grid)} runs on "
         f"{base.data}, {jobs} in parallel -> {out}"
     )
     rows: list[dict] = []
-    interrupted = False
     bar = _bar(len(grid), cfg.base.progress)
+
+    def collect(row: dict) -> bool:
+        rows.append(row)
+        _tick(bar, row)
+        return row["interrupted"]
+
     try:
-        if jobs == 1:
-            for c in grid:
-                rows.append(_one(c))
-                _tick(bar, rows[-1])
-                if rows[-1]["interrupted"]:
-                    interrupted = True
-                    break
-        else:
-            ctx = _spawn()
-            stop = ctx.Event()
-            with ProcessPoolExecutor(
-                max_workers=jobs, initializer=_init_worker, initargs=(stop,), mp_context=ctx
-            ) as pool:
-                pending = {pool.submit(_one, c) for c in grid}
-                while pending:
-                    try:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    except KeyboardInterrupt:
-                        if stop.is_set():  # a second Ctrl-C: stop waiting for the running fits
-                            raise
-                        stop.set()  # the running fits checkpoint at their next step; queued ones do not start
-                        interrupted = True
-                        for fut in pending:
-                            fut.cancel()
-                        log("\nbench: stopping; the running fits save a checkpoint (Ctrl-C again to quit now)")
-                        continue
-                    for fut in done:
-                        row = None if fut.cancelled() else fut.result()
-                        if row is not None:
-                            rows.append(row)
-                            _tick(bar, row)
-                            interrupted |= row["interrupted"]
-    except KeyboardInterrupt:
-        interrupted = True
+        interrupted = run_all(_one, grid, jobs, collect, log)
     finally:
         if bar is not None:
             bar.close()
     order = {(c.method, c.sample_rate, c.seed): i for i, c in enumerate(grid)}
     rows.sort(key=lambda r: order.get((r["method"], float(r["sample_rate"]), r["seed"]), 0))
     summary = summarize(rows)
-    rates = [float(r) for r in cfg.rates]
     table = markdown_table(summary, methods, rates)
     seconds = time.perf_counter() - t0
     note = (
-        f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, cfg.seeds))} "
+        f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, seeds))} "
         f"({len(rows)} runs, {seconds / 60:.1f} min)."
     )
     write_text_atomic(out / "results.csv", _csv(rows))
@@ -287,12 +254,6 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     if interrupted:
         log(f"interrupted: run the same command with --out {out} to finish the remaining runs")
     return BenchResult(out, rows, summary, table, seconds, interrupted)
-
-
-def _spawn():
-    import multiprocessing
-
-    return multiprocessing.get_context("spawn")
 
 
 def _bar(total: int, enabled: bool):

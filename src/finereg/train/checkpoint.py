@@ -1,18 +1,23 @@
-"""Checkpoints written atomically, with the previous one kept, and read back with clear errors.
+"""Checkpoints written atomically, with the previous one kept, verified and read back with clear errors.
 
-Each save writes a temporary file in the run directory, flushes it to disk, moves the current ``last.pt`` to
-``prev.pt`` and then the temporary file to ``last.pt`` (both ``os.replace``, atomic on POSIX and Windows). A crash
-at any moment leaves at least one complete checkpoint; a corrupt ``last.pt`` leaves ``prev.pt`` to resume from.
+Each file is a zip archive (``torch.save``'s format) whose records carry CRC-32 checksums; loading verifies them
+first, so a damaged file is refused rather than resumed with different weights. Each save writes a temporary file
+in the run directory, flushes it to disk, moves the current ``last.pt`` to ``prev.pt`` and then the temporary file
+to ``last.pt`` (both ``os.replace``, atomic on POSIX and Windows). A crash at any moment leaves at least one
+complete checkpoint; a corrupt ``last.pt`` leaves ``prev.pt`` to resume from.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._checks import FineregError
 from .._utils import atomic_write
 
 __all__ = [
@@ -31,7 +36,7 @@ PREV = "prev.pt"
 FORMAT = "finereg-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FineregError, RuntimeError):
     """A checkpoint that is missing, corrupt or from another run."""
 
 
@@ -41,14 +46,60 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(state: dict, run_dir: str | os.PathLike) -> Path:
-    """Write ``state`` as ``run_dir/last.pt``; the checkpoint it replaces becomes ``run_dir/prev.pt``."""
+    """Write ``state`` as ``run_dir/last.pt``; the checkpoint it replaces becomes ``run_dir/prev.pt``.
+
+    A full disk (or quota, or file-size limit) raises :class:`CheckpointError` saying so; the previous checkpoint
+    is untouched."""
     run_dir = Path(run_dir)
-    tmp = atomic_write(run_dir / LAST, lambda f: torch.save({"format": FORMAT, **state}, f), replace=False)
+    try:
+        tmp = atomic_write(run_dir / LAST, lambda f: torch.save({"format": FORMAT, **state}, f), replace=False)
+    except Exception as e:
+        full = _space_error(e)
+        if full is None:
+            raise
+        kept = (
+            f"the last checkpoint {str(run_dir / LAST)!r} is intact (checkpoints are written atomically): make "
+            f"room and continue with --resume {run_dir}"
+            if (run_dir / LAST).exists()
+            else "no checkpoint had been written yet"
+        )
+        raise CheckpointError(f"could not write a checkpoint in {str(run_dir)!r}: {full}; {kept}") from None
     last = run_dir / LAST
     if last.exists():
         os.replace(last, run_dir / PREV)
     os.replace(tmp, last)
     return last
+
+
+_SPACE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file size limit is exceeded",
+}
+
+
+def _space_error(e: BaseException) -> str | None:
+    """What ran out, when ``e`` (or an exception it was raised from, as torch's writer does) is an out-of-space
+    ``OSError``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _SPACE:
+            return f"{_SPACE[e.errno]} ({e.strerror})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every record of a checkpoint file against its CRC-32 checksum (``torch.save`` writes a zip archive
+    with one per record); raises :class:`CheckpointError` for a damaged or truncated file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e}).") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its record {bad!r} fails its checksum.")
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -72,6 +123,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     intact previous checkpoint where there is one."""
     path = find_checkpoint(path)
     try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) + _fallback_hint(path)) from None
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated / garbage files
         raise CheckpointError(
@@ -87,6 +142,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def _fallback_hint(path: Path) -> str:
     prev = path.parent / PREV
     if path.name != PREV and prev.is_file():
+        try:
+            load_checkpoint(prev)
+        except CheckpointError:
+            return (
+                f" The previous checkpoint {str(prev)!r} is damaged too: there is no intact checkpoint to resume "
+                "from, so start the run again (same command with --overwrite, or another --out)"
+            )
         return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
     return (
         " Nothing was overwritten; there is no earlier checkpoint to fall back on, so start the run again "

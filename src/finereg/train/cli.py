@@ -125,6 +125,18 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
         )
 
 
+def _listed(typ: type, what: str):
+    """An argparse type: a comma-separated list of ``typ`` (the error names the option and the bad value)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [typ(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finereg",
@@ -156,9 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="methods x sampling rates x seeds -> markdown table, CSV, PNG",
         description="Benchmark methods over sampling rates and seeds (tllib's protocol).",
     )
-    bench.add_argument("--methods", default=None, help="comma-separated methods (combinations with +); default: all")
-    bench.add_argument("--rates", default=None, help="comma-separated sampling rates (default: 15,30,50,100)")
-    bench.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2,3,4)")
+    bench.add_argument(
+        "--methods",
+        type=_listed(str, "method names"),
+        default=None,
+        help="comma-separated methods (combinations with +); default: all",
+    )
+    bench.add_argument(
+        "--rates",
+        type=_listed(float, "numbers"),
+        default=None,
+        help="comma-separated sampling rates (default: 15,30,50,100)",
+    )
+    bench.add_argument(
+        "--seeds", type=_listed(int, "integers"), default=None, help="comma-separated seeds (default: 0,1,2,3,4)"
+    )
     bench.add_argument("--out", "-o", default=None, help="output directory (default: runs/bench-<time>)")
     bench.add_argument(
         "--jobs", type=int, default=None, help="runs in parallel, one thread each (default: one per available CPU core)"
@@ -222,18 +246,8 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import BenchConfig, bench
 
     base = _fit_config(ns)
-    split = lambda s, typ: [typ(x) for x in s.split(",") if x.strip()] if s else None
-    kw = {
-        k: v
-        for k, v in {
-            "methods": split(ns.methods, str),
-            "rates": split(ns.rates, float),
-            "seeds": split(ns.seeds, int),
-            "out": ns.out,
-            "jobs": ns.jobs,
-        }.items()
-        if v is not None
-    }
+    given = {"methods": ns.methods, "rates": ns.rates, "seeds": ns.seeds, "out": ns.out, "jobs": ns.jobs}
+    kw = {k: v for k, v in given.items() if v is not None}
     res = bench(BenchConfig(base=base, **kw))
     return EXIT_INTERRUPTED if res.interrupted else 0
 
@@ -280,15 +294,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         ValueError,
         KeyError,
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
         CheckpointError,
         ImportError,
         RuntimeError,
         FloatingPointError,
     ) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"finereg {ns.command}: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as e:  # a read-only or full disk, a path that is not a directory ...
+        msg = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (e.strerror or str(e))
         print(f"finereg {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -33,13 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError
 from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
-from .checkpoint import LAST, PREV, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BUILTIN_DATASETS, TrainData, check_batch_size, derive_seed, epoch_plan, load_data
 from .methods import Context, Recipe, StepOut, build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, accuracy_from_counts, write_text_atomic
 from .models import TransferNet, build_model
+from .run_dir import RunDir
 
 __all__ = ["FitConfig", "FitResult", "StepInfo", "fit", "evaluate", "load_trained"]
 
@@ -268,37 +269,6 @@ def _make_run_dir(cfg: FitConfig, info: fdist.DistInfo) -> Path:
     return Path(out).expanduser()
 
 
-def _check_new_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a run directory that holds a run, unless ``overwrite``; nothing is deleted here."""
-    existing = [p for p in (LAST, PREV) if (run_dir / p).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{str(run_dir)!r} already holds a run ({', '.join(existing)}). Continue it with "
-            "--resume, start over with --overwrite (deletes it), or choose another --out"
-        )
-
-
-def _clear_old_run(run_dir: Path) -> None:
-    """``--overwrite``: remove the previous run's files. Called only once data, model and methods are set up, so
-    a bad input leaves the previous run intact."""
-    for name in (LAST, PREV, "metrics.csv", "metrics.jsonl", "config.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-
-
-def _set_aside_corrupt_last(run_dir: Path, resumed_from, log) -> None:
-    """Resuming from another checkpoint (``prev.pt``) while ``last.pt`` is unreadable: rename the corrupt file to
-    ``last.pt.corrupt``, so that the next checkpoint does not rotate it into ``prev.pt`` over the intact one."""
-    last = run_dir / LAST
-    if not last.exists() or Path(resumed_from).resolve() == last.resolve():
-        return
-    try:
-        load_checkpoint(last)
-    except CheckpointError:
-        os.replace(last, run_dir / f"{LAST}.corrupt")
-        log(f"{last} is unreadable: kept as {LAST}.corrupt")
-
-
 class _Meter:
     """Running sample-weighted sums of the loss terms and the training accuracy of an epoch."""
 
@@ -356,20 +326,26 @@ def fit(
     say = log or print
     logp = (lambda msg: say(msg)) if info.is_main else (lambda msg: None)
 
-    ckpt = None
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise FineregError("--out is empty; give the run directory (default: runs/fit-<time>)")
+    resume = None
     if cfg.resume:
-        src = cfg.resume if isinstance(cfg.resume, (str, os.PathLike)) else cfg.out
-        if src is None:
-            raise ValueError("resume needs the run directory (or a checkpoint file): --resume RUN_DIR")
-        ckpt = load_checkpoint(src)
-        resumed_from = find_checkpoint(src)
-        cfg = _merge_resume(cfg, ckpt["config"])
-        run_dir = Path(src) if Path(src).is_dir() else Path(src).parent
-    else:
-        run_dir = _make_run_dir(cfg, info)
-        if info.is_main:
-            _check_new_run_dir(run_dir, cfg.overwrite)
-    fdist.barrier()
+        resume = cfg.resume if isinstance(cfg.resume, (str, os.PathLike)) else cfg.out
+        if resume is None:
+            raise FineregError("resume needs the run directory (or a checkpoint file): --resume RUN_DIR")
+        held = RunDir.folder_of(resume)
+        if cfg.out is not None and Path(cfg.out).expanduser().resolve() != held.resolve():
+            raise FineregError(
+                f"--resume {resume} continues the run in {str(held)!r}, but --out says {cfg.out!r}; drop --out "
+                "(a resumed run stays in its directory), or start a new run in --out without --resume"
+            )
+    rd = RunDir(
+        _make_run_dir(cfg, info) if resume is None else "",
+        resume=resume,
+        overwrite=cfg.overwrite,
+        lock=info.is_main,
+    )
+    run_dir, ckpt = rd.path, rd.checkpoint
 
     prev_det = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:
@@ -384,6 +360,9 @@ def fit(
     recipes: list[Recipe] = []
     logger: MetricsLogger | None = None
     try:
+        if ckpt is not None:
+            cfg = _merge_resume(cfg, ckpt["config"])
+        fdist.barrier()
         recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data in BUILTIN_DATASETS)
         cfg = _resolve(cfg, recipes)
         if ckpt is not None and ckpt["epoch"] > cfg.epochs:
@@ -448,15 +427,11 @@ def fit(
             if r.wraps:
                 model = r.wrap(net, ctx)
         model.to(info.device)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
         fdist.barrier()
         for r in recipes:
             r.setup(ctx)
-        if ckpt is None and info.is_main:
-            _clear_old_run(run_dir)
-        elif info.is_main:
-            _set_aside_corrupt_last(run_dir, resumed_from, logp)
+        if info.is_main:
+            rd.begin(logp)
         forward = next((r.forward for r in recipes if r.wraps), None)
         views = max((r.views for r in recipes), default=1)
 
@@ -618,7 +593,11 @@ def fit(
                     + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_")))
                 )
         return FitResult(run_dir, len(logger.history), list(logger.history), net.eval(), interrupted, cfg)
+    except BaseException:
+        rd.close(failed=True)
+        raise
     finally:
+        rd.close()
         for r in recipes:
             r.close()
         if logger is not None:

@@ -1,0 +1,108 @@
+"""Run directories: finereg never deletes a file it did not write, and one process at a time holds a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finereg.train.checkpoint import LAST, load_checkpoint
+from finereg.train.cli import main
+from finereg.train.run_dir import LOCK, MARKER, DirLock, RunDir, RunDirError
+
+TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--sample-rate", "30"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_dir(p: Path) -> None:
+    (p / "tb" / "other").mkdir(parents=True)
+    (p / "tb" / "other" / "ev").write_text("keep\n")
+    (p / "config.json").write_text('{"mine":1}\n')
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_a_directory_that_is_not_a_run_is_refused_and_untouched(tmp_path, capsys, extra):
+    p = tmp_path / "p"
+    _user_dir(p)
+    before = _tree(p)
+    assert main(["fit", "--out", str(p), *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and holds no finereg run (config.json, tb)" in err and "Traceback" not in err
+    assert _tree(p) == before and not (p / LOCK).exists()
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("mine.txt").write_text("keep")
+    assert main(["fit", "--out", "", *TINY]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    p = tmp_path / "run"
+    assert main(["fit", "--out", str(p), *TINY, "--epochs", "2"]) == 0
+    assert (p / MARKER).is_file() and sorted(x.name for x in (p / "tb").iterdir())[0].startswith("events.out")
+    (p / "notes.txt").write_text("mine")
+    (p / "tb" / "mine").mkdir()
+    (p / "tb" / "mine" / "x").write_text("mine")
+    assert main(["fit", "--out", str(p), *TINY, "--overwrite"]) == 0
+    assert (p / "notes.txt").read_text() == "mine" and (p / "tb" / "mine" / "x").read_text() == "mine"
+    assert load_checkpoint(p)["epoch"] == 1 and not (p / "prev.pt").exists()  # the 2-epoch run is gone
+    assert len([x for x in (p / "tb").iterdir() if x.name.startswith("events.out")]) == 1
+
+
+def test_a_failed_start_leaves_no_directory_behind(tmp_path, capsys):
+    p = tmp_path / "new" / "run"
+    assert main(["fit", "--out", str(p), *TINY, "--method", "nosuch"]) == 2
+    assert not p.exists()
+
+
+def test_resume_with_another_out_is_refused(tmp_path, capsys):
+    p = tmp_path / "run"
+    assert main(["fit", "--out", str(p), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(p), "--out", str(tmp_path / "other"), "--epochs", "2"]) == 2
+    assert "continues the run in" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert main(["fit", "--resume", str(p), "--out", str(p), "--epochs", "2"]) == 0  # the same directory is fine
+
+
+def test_the_lock_names_its_holder_and_is_exclusive_per_open(tmp_path):
+    with DirLock(tmp_path) as lock:
+        holder = json.loads(lock.path.read_text())
+        assert holder["pid"] == os.getpid()
+        with pytest.raises(RunDirError, match=rf"in use by another finereg process \(pid {os.getpid()} on "):
+            DirLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK).exists()
+    DirLock(tmp_path).acquire().release()  # free again
+
+
+def test_a_running_fit_holds_its_directory_until_it_dies(tmp_path, capsys):
+    p = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finereg", "fit", "--out", str(p), "--epochs", "1000", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (p / LAST).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        assert (p / LAST).exists()
+        for args in (["--out", str(p)], ["--out", str(p), "--overwrite"], ["--resume", str(p)]):
+            assert main(["fit", *args, *TINY[:-2], "--epochs", "1000"]) == 2, args
+            err = capsys.readouterr().err
+            assert f"is in use by another finereg process (pid {proc.pid} on " in err, err
+        with pytest.raises(RunDirError, match="in use"):
+            RunDir("", resume=p)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    # the operating system released the lock of the killed process: the run resumes from its last checkpoint
+    done = load_checkpoint(p)["epoch"]
+    assert main(["fit", "--resume", str(p), "--epochs", str(done + 1), "--no-progress"]) == 0
+    assert load_checkpoint(p)["epoch"] == done + 1
