@@ -12,7 +12,16 @@ import numbers
 from collections.abc import Collection
 from typing import Any
 
-__all__ = ["FineregError", "UnknownNameError", "check_number", "check_int", "check_choice", "check_bool"]
+__all__ = [
+    "FineregError",
+    "UnknownNameError",
+    "MissingFileError",
+    "MissingDependencyError",
+    "check_number",
+    "check_int",
+    "check_choice",
+    "check_bool",
+]
 
 
 class FineregError(ValueError):
@@ -26,6 +35,14 @@ class UnknownNameError(FineregError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with extra quotes
         return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(FineregError, FileNotFoundError):
+    """A file or directory the user named that does not exist (also a ``FileNotFoundError``)."""
+
+
+class MissingDependencyError(FineregError, ImportError):
+    """An optional package a feature needs is not installed; the message names the ``pip install`` to run."""
 
 
 def _rule(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:

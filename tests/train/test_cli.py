@@ -3,6 +3,9 @@
 import os
 import re
 
+import pytest
+
+from finereg._checks import FineregError
 from finereg.train.checkpoint import load_checkpoint
 from finereg.train.cli import main
 
@@ -61,3 +64,28 @@ def test_os_errors_are_one_clear_line(tmp_path, capsys):
         assert re.fullmatch(
             r"finereg fit: error: (Operation not permitted|Permission denied): /sys/finereg-test-run\n", err
         )
+
+
+def test_method_spelling_errors_and_aliases(tmp_path, capsys):
+    assert main(["fit", "--method", "l2sp+", "--out", str(tmp_path / "a"), *TINY]) == 2
+    assert "has an empty part; join method names with single '+'" in capsys.readouterr().err
+    assert main(["methods"]) == 0
+    assert "l2-sp (= l2sp)" in capsys.readouterr().out
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, capsys, monkeypatch):
+    with pytest.raises(FineregError, match="--epochs must be an integer >= 1"):
+        main(["--debug", "fit", "--epochs", "0", "--out", str(tmp_path / "a")])
+    monkeypatch.setenv("FINEREG_DEBUG", "1")
+    with pytest.raises(FineregError):
+        main(["fit", "--epochs", "0", "--out", str(tmp_path / "a")])
+    monkeypatch.delenv("FINEREG_DEBUG")
+    assert main(["fit", "--epochs", "0", "--out", str(tmp_path / "a")]) == 2  # the expected error: one line
+
+    def bug(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("finereg.train.loop.build", bug)
+    with pytest.raises(ZeroDivisionError):  # not swallowed into one line
+        main(["fit", "--out", str(tmp_path / "b"), *TINY])
+    assert not (tmp_path / "b").exists()

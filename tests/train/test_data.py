@@ -1,10 +1,9 @@
 """Data of the engine: sampling, epoch plans, augmentation, the built-in task, ImageFolder roots."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from finereg._checks import FineregError
 from finereg.train.data import (
     DIGITS_TEST_FRACTION,
     TensorImages,
@@ -17,6 +16,7 @@ from finereg.train.data import (
     load_data,
     stratified_subset,
 )
+from tests.train._util import image_folder, png
 
 
 def test_stratified_subset_counts_nested_and_seeded():
@@ -111,20 +111,8 @@ def test_load_data_builtin_sampling():
     assert torch.bincount(part.train.labels).min() >= 1
 
 
-def _png(path, color, size=(12, 10)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((size[1], size[0], 3), color, dtype=np.uint8)).save(path)
-
-
-def _folder(root, classes=("cat", "dog"), per_class=3):
-    for split in ("train", "val"):
-        for c, name in enumerate(classes):
-            for i in range(per_class):
-                _png(root / split / name / f"{i}.png", 40 * c + 10 * i)
-
-
 def test_image_folder_skips_and_counts_unreadable(tmp_path):
-    _folder(tmp_path)
+    image_folder(tmp_path)
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not an image at all")
     (tmp_path / "val" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("ignored: not an image extension")
@@ -142,7 +130,7 @@ def test_image_folder_skips_and_counts_unreadable(tmp_path):
 
 
 def test_image_folder_drops_files_that_break_after_the_check(tmp_path):
-    _folder(tmp_path)
+    image_folder(tmp_path)
     data = load_data(str(tmp_path), image_size=8, workers=0)
     (tmp_path / "train" / "cat" / "0.png").write_bytes(b"corrupted later")  # passes no check now
     order = torch.arange(6).view(1, 6)
@@ -151,7 +139,7 @@ def test_image_folder_drops_files_that_break_after_the_check(tmp_path):
 
 
 def test_image_folder_augmentation_does_not_depend_on_workers(tmp_path):
-    _folder(tmp_path, per_class=2)
+    image_folder(tmp_path, per_class=2)
     order, seeds = epoch_plan(4, 2, steps=2, seed=1, epoch=0)
     xs = []
     for workers in (0, 2):
@@ -175,21 +163,28 @@ def test_image_folder_augmentation_does_not_depend_on_workers(tmp_path):
 def test_image_folder_bad_input(tmp_path, case, match):
     root = tmp_path / "data"
     if case == "no_val":
-        _png(root / "train" / "a" / "0.png", 1)
+        png(root / "train" / "a" / "0.png", 1)
     elif case == "empty":
         (root / "train").mkdir(parents=True)
         (root / "val").mkdir()
     elif case == "mismatch":
-        _folder(root)
-        _png(root / "train" / "bird" / "0.png", 1)
+        image_folder(root)
+        png(root / "train" / "bird" / "0.png", 1)
     elif case == "no_images":
         (root / "train" / "a").mkdir(parents=True)
-        _png(root / "val" / "a" / "0.png", 1)
+        png(root / "val" / "a" / "0.png", 1)
     elif case == "empty_class":
-        _folder(root)
+        image_folder(root)
         for p in (root / "train" / "dog").iterdir():
             p.unlink()
     elif case == "file":
         root.write_text("x")
     with pytest.raises((FileNotFoundError, ValueError, NotADirectoryError), match=match):
         load_data(str(root), workers=0)
+
+
+def test_a_one_class_folder_is_refused(tmp_path):
+    """Before: a one-class ImageFolder trained and reported 100 % accuracy."""
+    image_folder(tmp_path, classes=("cat",))
+    with pytest.raises(FineregError, match="has one class folder \\('cat'\\).*at least two class folders"):
+        load_data(str(tmp_path), image_size=8, workers=0)

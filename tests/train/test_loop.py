@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from finereg._checks import FineregError
 from finereg.train.checkpoint import LAST, PREV, CheckpointError, load_checkpoint
+from finereg.train.cli import main
 from finereg.train.loop import FitConfig, evaluate, fit, load_trained
 from finereg.train.run_dir import RunDirError
+from tests.train._util import digest, image_folder
 
 QUIET = dict(log=lambda m: None)
+
+TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--no-tensorboard", "--sample-rate", "30"]
 
 
 def _same_weights(a, b):
@@ -121,7 +126,7 @@ def test_resume_refuses_other_training_settings(tmp_path, tiny):
 @pytest.mark.parametrize(
     "kw,exc,match",
     [
-        (dict(sample_rate=0), ValueError, "sample_rate is a percentage"),
+        (dict(sample_rate=0), FineregError, "--sample-rate must be a finite number > 0 and <= 100, got 0"),
         (dict(batch_size=400), ValueError, "fewer than one batch"),
         (dict(method="l2sq"), KeyError, "no method named 'l2sq'"),
         (dict(method="erm", set={"bss.k": 2}), ValueError, "--set names method 'bss', which is not in 'erm'"),
@@ -130,7 +135,13 @@ def test_resume_refuses_other_training_settings(tmp_path, tiny):
             ValueError,
             "'resnet18' cannot read the images of 'digits' \\(shape \\(1, 8, 8\\)",
         ),
-        (dict(epochs=0), ValueError, "epochs must be >= 1"),
+        (dict(epochs=0), FineregError, "--epochs must be an integer >= 1, got 0"),
+        (dict(lr_gamma=-1), FineregError, "--lr-gamma must be a finite number > 0 and <= 1, got -1"),
+        (dict(momentum=1.5), FineregError, "--momentum must be a finite number >= 0 and < 1, got 1.5"),
+        (dict(weight_decay=-0.1), FineregError, "--weight-decay must be a finite number >= 0"),
+        (dict(iters_per_epoch=2.5), FineregError, "--iters-per-epoch must be an integer >= 1, got 2.5"),
+        (dict(lr_steps=[0]), FineregError, "each of --lr-steps \\(an epoch\\) must be an integer >= 1, got 0"),
+        (dict(backbone_lr_mult=float("inf")), FineregError, "--backbone-lr-mult must be a finite number >= 0"),
         (dict(data="nowhere/at/all"), FileNotFoundError, "neither a built-in dataset"),
     ],
 )
@@ -232,3 +243,51 @@ def test_fit_on_an_image_folder_with_torchvision_weights_from_a_file(tmp_path):
     assert res.net.head.out_features == 3 and res.net.source_head.out_features == 10
     assert any("skipped 1 unreadable image(s)" in m and "bad.png" in m for m in logs)
     assert load_checkpoint(res.run_dir)["classes"] == ["a", "b", "c"]
+
+
+def test_lr_column_is_the_lr_the_epoch_trained_with(tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", "--out", str(run), *TINY, "--epochs", "3", "--lr-steps", "2"]) == 0
+    assert [r["lr"] for r in load_checkpoint(run)["history"]] == pytest.approx([0.05, 0.05, 0.005])
+
+
+def test_resume_with_fewer_epochs_is_refused_and_a_complete_run_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--out", str(run), *TINY, "--epochs", "2"]) == 0
+    before = digest(run)
+    capsys.readouterr()
+    assert main(["fit", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "already holds 2 epochs, more than --epochs 1" in capsys.readouterr().err
+    assert main(["fit", "--resume", str(run)]) == 0
+    assert "is complete (2 of 2 epochs); train longer with --epochs N" in capsys.readouterr().out
+    after = digest(run)  # config.json is rewritten; the training state is untouched
+    assert all(after[k] == before[k] for k in (LAST, PREV, "metrics.csv", "metrics.jsonl"))
+
+
+def _break_val_images(paths):
+    """``on_step``: after the first step, the given evaluation images become unreadable (a disk error mid-run)."""
+
+    def on_step(info):
+        if info.step == 1:
+            for p in paths:
+                p.write_bytes(b"broken after the start")
+
+    return on_step
+
+
+@pytest.mark.parametrize("lost", ["one image", "a whole class"])
+def test_unreadable_evaluation_images_are_counted_and_fail_past_a_threshold(tmp_path, lost):
+    """Before: evaluation images failing to load mid-run were dropped from the accuracy silently."""
+    root = tmp_path / "data"
+    image_folder(root, per_class=4, val_per_class=20)
+    broken = [root / "val" / "dog" / "3.png"] if lost == "one image" else sorted((root / "val" / "dog").iterdir())
+    cfg = FitConfig(data=str(root), arch="resnet18", weights="none", image_size=16, epochs=1, iters_per_epoch=2,
+                    batch_size=4, workers=0, out=str(tmp_path / "run"), progress=False, tensorboard=False)  # fmt: skip
+    logs = []
+    if lost == "one image":  # 1 of 40: reported beside the accuracy
+        res = fit(cfg, on_step=_break_val_images(broken), log=logs.append)
+        assert res.final["val_skipped_images"] == 1
+        assert any("1 evaluation images could not be read" in m for m in logs)
+    else:  # a class vanishes from the accuracy: refused
+        with pytest.raises(FineregError, match="20 of 40 evaluation images could not be read; class\\(es\\) dog lost"):
+            fit(cfg, on_step=_break_val_images(broken), log=logs.append)

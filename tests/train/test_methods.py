@@ -4,8 +4,9 @@ loss term is the library regularizer's value (the engine holds no regularizer ma
 import pytest
 import torch
 
+from finereg._checks import FineregError
 from finereg.train.loop import fit
-from finereg.train.methods import REGISTRY, build_recipes, method_names, parse_method, parse_overrides
+from finereg.train.methods import build_recipes, method_names, parse_method, parse_overrides, registered
 
 QUIET = dict(log=lambda m: None)
 
@@ -19,9 +20,9 @@ def test_registry_and_parsing():
         parse_method("l2sq")
     with pytest.raises(ValueError, match="appears twice"):
         parse_method("bss+bss")
-    assert parse_overrides(["bss.trade_off=0.01", "lwf.T=2", "delta.layers=backbone.conv3"]) == {
+    assert parse_overrides(["bss.trade_off=0.01", "lwf.temperature=2", "delta.layers=backbone.conv3"]) == {
         "bss": {"trade_off": 0.01},
-        "lwf": {"T": 2},
+        "lwf": {"temperature": 2},
         "delta": {"layers": "backbone.conv3"},
     }
 
@@ -30,9 +31,10 @@ def test_defaults_are_tllibs_and_overrides_apply():
     r = {x.name: x for x in build_recipes("l2sp+delta+bss+lwf+co-tuning")}
     assert r["l2sp"].hp == {"trade_off": 0.01} and r["delta"].hp["trade_off"] == 0.01
     assert r["bss"].hp == {"trade_off": 0.001, "k": 1}
-    assert r["lwf"].hp == {"trade_off": 4.0, "T": 3.0} and r["co-tuning"].hp["trade_off"] == 2.3
+    assert r["lwf"].hp == {"trade_off": 4.0, "temperature": 3.0} and r["co-tuning"].hp["trade_off"] == 2.3
     assert r["head-l2"].hp == {"trade_off": 0.01}  # tllib's DELTA script: head L2 0.01, added once
-    assert REGISTRY["bi-tuning"]().hp == {"trade_off": 1.0, "K": 40, "m": 0.999, "T": 0.07, "projection_dim": 128}
+    bi = {"trade_off": 1.0, "K": 40, "m": 0.999, "temperature": 0.07, "projection_dim": 128}
+    assert registered("bi-tuning")().hp == bi
     digits = {x.name: x for x in build_recipes("delta", digits=True)}
     assert digits["delta"].hp["trade_off"] == 0.001
     over = {x.name: x for x in build_recipes("bss+delta", parse_overrides(["bss.k=2", "head-l2.trade_off=0"]))}
@@ -44,10 +46,15 @@ def test_defaults_are_tllibs_and_overrides_apply():
     "spec,kw,exc,match",
     [
         ("bss", {"bss": {"kk": 1}}, KeyError, "hyper-parameter of 'bss' named 'kk'"),
-        ("bss", {"bss": {"k": "two"}}, ValueError, "bss.k must be a int"),
+        ("bss", {"bss": {"k": "two"}}, FineregError, "bss.k must be an integer >= 1, got 'two'"),
+        ("bss", {"bss": {"k": 2.7}}, FineregError, "bss.k must be an integer >= 1, got 2.7"),
+        ("bss", {"bss": {"k": True}}, FineregError, "bss.k must be an integer >= 1, got True"),
+        ("bss", {"bss": {"trade_off": -1}}, FineregError, "bss.trade_off must be a finite number >= 0, got -1"),
+        ("lwf", {"lwf": {"temperature": 0}}, FineregError, "lwf.temperature must be a finite number > 0, got 0"),
+        ("delta", {"delta": {"layers": 3}}, FineregError, "delta.layers must be comma-separated names, got 3"),
         ("bi-tuning+bss", {}, ValueError, "bi-tuning replaces the network's forward.*cannot be combined with bss"),
         ("bi-tuning+lwf", {}, ValueError, "cannot be combined with lwf"),
-        ("co-tuning", {"co-tuning": {"relationship": "sideways"}}, ValueError, "'direct' or 'reverse'"),
+        ("co-tuning", {"co-tuning": {"relationship": "sideways"}}, FineregError, "one of 'direct', 'reverse'"),
         ("l2sp", {"bss": {"k": 1}}, ValueError, "--set names method 'bss', which is not in 'l2sp'"),
     ],
 )
@@ -139,3 +146,9 @@ def test_terms_equal_the_library_regularizers(tmp_path, tiny):
         expected = 4.0 * float(kd_loss(src, net.source_head(net.backbone(clean)), T=3.0))
     assert terms["kd"] == pytest.approx(expected, rel=1e-4)
     assert behavioral_penalty(feats, feats) == 0
+
+
+def test_channel_attention_layers_must_be_convolutions(tmp_path, tiny):
+    """Before: --set delta-attention.layers=backbone.norm2 crashed with an AttributeError."""
+    with pytest.raises(FineregError, match="'backbone.norm2' is a GroupNorm, which has no output channels to rank"):
+        fit(tiny(tmp_path, method="delta-attention", set={"delta-attention.layers": "backbone.norm2"}), **QUIET)

@@ -4,8 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from finereg.train.builtin import PRETRAIN, pretrained_path, pretrained_state
-from finereg.train.models import BuiltinNet, NetOutput, build_model, default_feature_layers, split_classifier
+from finereg._checks import FineregError
+from finereg.train.builtin import PRETRAIN, BuiltinNet, pretrained_path, pretrained_state
+from finereg.train.cli import main
+from finereg.train.models import Outputs, build_model, default_feature_layers, split_classifier
+
+TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--no-tensorboard", "--sample-rate", "30"]
 
 
 def test_builtin_pretrained_source_model(builtin_cache):
@@ -19,9 +23,11 @@ def test_builtin_pretrained_source_model(builtin_cache):
     assert torch.equal(net.source_head.weight, state["fc.weight"])
     x = torch.randn(3, 1, 8, 8)
     net.train()
-    net.use_source_head = True
+    assert net(x).source_logits is None  # until a method asks for the source head
+    net.use_source_head("lwf", train=True)
     out = net(x)
-    assert isinstance(out, NetOutput) and out.features.shape == (3, 128) and out.source_logits.shape == (3, 20)
+    assert isinstance(out, Outputs) and out.features.shape == (3, 128) and out.source_logits.shape == (3, 20)
+    assert all(p.requires_grad for p in net.source_head.parameters())
     net.eval()
     assert net(x).shape == (3, 5)
     assert pretrained_path().parent == builtin_cache
@@ -34,8 +40,28 @@ def test_source_pretraining_is_deterministic_and_rebuilt_when_corrupt(builtin_ca
     path.write_bytes(b"garbage")
     logs = []
     state = pretrained_state(log=logs.append)
-    assert any("unreadable" in m for m in logs) and any("pretrained the built-in" in m for m in logs)
+    assert any(f"cached source model {path} is unusable" in m for m in logs)
+    assert any("pretrained the built-in" in m for m in logs)
     assert all(torch.equal(state[k], good["state_dict"][k]) for k in state)  # rebuilt bit for bit
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        lambda good: {"state_dict": BuiltinNet(20, 1, width=16).state_dict(), "info": good["info"]},  # other shapes
+        lambda good: {"state_dict": {"w": torch.ones(1)}, "info": good["info"]},  # another model's keys
+        lambda good: {**good, "info": {**good["info"], "recipe": {**good["info"]["recipe"], "epochs": 1}}},  # stale
+    ],
+)
+def test_a_stale_or_foreign_cache_file_is_named_and_rebuilt(builtin_cache, foreign):
+    """Before: a foreign cache file gave 'finereg fit: error: fc.weight' and was never rebuilt."""
+    path = pretrained_path()
+    good = torch.load(path, weights_only=True)
+    torch.save(foreign(good), path)
+    logs = []
+    state = pretrained_state(log=logs.append)
+    assert any(f"cached source model {path} is unusable" in m for m in logs), logs
+    assert all(torch.equal(state[k], good["state_dict"][k]) for k in good["state_dict"])
 
 
 def test_torchvision_and_timm_heads_are_swapped():
@@ -105,3 +131,23 @@ def test_default_feature_layers_match_tllib_on_resnet50():
         "backbone.features.16",
         "backbone.features.18",
     ]
+
+
+def test_hub_weights_for_the_builtin_network_are_an_error(tmp_path, capsys):
+    for weights in ("pretrained", "IMAGENET1K_V1"):
+        assert main(["fit", "--weights", weights, "--out", str(tmp_path / weights), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert "--weights builtin" in err and "Traceback" not in err
+
+
+def test_weights_that_are_no_weights_file_say_so(tmp_path, capsys):
+    """Before: a text file printed torch's advice to load with weights_only=False; a directory 'did not exist'."""
+    (tmp_path / "notes.pt").write_text("my notes")
+    assert main(["fit", "--weights", str(tmp_path / "notes.pt"), "--out", str(tmp_path / "a"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "it is not a file written by torch.save" in err and "weights_only" not in err
+    assert main(["fit", "--weights", str(tmp_path), "--out", str(tmp_path / "b"), *TINY]) == 2
+    assert "is a directory; give a weights file" in capsys.readouterr().err
+    torch.save({"net": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a whole module, not a state_dict
+    with pytest.raises(FineregError, match="holds Python objects besides tensors, which finereg does not unpickle"):
+        build_model("builtin", 3, weights=str(tmp_path / "pickled.pt"), in_channels=1)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from finereg.train.checkpoint import LAST, load_checkpoint
+from finereg.train.checkpoint import LAST, PREV, load_checkpoint
 from finereg.train.cli import main
 from finereg.train.run_dir import LOCK, MARKER, DirLock, RunDir, RunDirError
+from tests.train._util import digest
 
 TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--sample-rate", "30"]
 
@@ -106,3 +107,33 @@ def test_a_running_fit_holds_its_directory_until_it_dies(tmp_path, capsys):
     done = load_checkpoint(p)["epoch"]
     assert main(["fit", "--resume", str(p), "--epochs", str(done + 1), "--no-progress"]) == 0
     assert load_checkpoint(p)["epoch"] == done + 1
+
+
+def test_overwrite_with_bad_input_keeps_the_previous_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--out", str(run), *TINY]) == 0
+    before = digest(run)
+    for bad in (
+        ["--method", "l2-spp"],
+        ["--data", str(tmp_path / "missing")],
+        ["--weights", "/no/such.pt"],
+        ["-b", "400"],
+    ):  # 400 > the 89 training images: fails after data and model are built
+        assert main(["fit", "--out", str(run), "--overwrite", *TINY, *bad]) == 2
+        assert digest(run) == before, bad
+    capsys.readouterr()
+    assert main(["fit", "--out", str(run), "--overwrite", *TINY, "--method", "l2sp"]) == 0  # a good one replaces it
+    assert load_checkpoint(run)["config"]["method"] == "l2sp" and not (run / PREV).exists()
+
+
+def test_resuming_from_prev_after_a_corrupt_last_keeps_the_intact_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--out", str(run), *TINY, "--epochs", "3"]) == 0
+    (run / LAST).write_bytes((run / LAST).read_bytes()[:1000])  # a crash or a disk error damaged it
+    assert main(["fit", "--resume", str(run)]) == 2
+    assert f"--resume {run / PREV}" in capsys.readouterr().err
+    prev_bytes = (run / PREV).read_bytes()
+    assert main(["fit", "--resume", str(run / PREV)]) == 0  # as the message says
+    assert load_checkpoint(run)["epoch"] == 3
+    assert (run / PREV).read_bytes() == prev_bytes  # the intact epoch-2 checkpoint is still the fallback
+    assert (run / f"{LAST}.corrupt").stat().st_size == 1000

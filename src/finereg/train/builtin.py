@@ -1,4 +1,4 @@
-"""The built-in pretrained source model: :class:`~finereg.train.models.BuiltinNet` trained on digits 0-4 at four
+"""The built-in pretrained source model: :class:`BuiltinNet` (a small CNN for 8x8 digits) trained on digits 0-4 at four
 rotations (20 source classes, see :func:`~finereg.train.data.digits_source`).
 
 The engine's built-in transfer task fine-tunes it on digits 5-9 (see :mod:`finereg.train.data`). The source
@@ -19,12 +19,40 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from . import dist as fdist
 from .checkpoint import atomic_save
 from .data import digits_source, epoch_plan, stratified_subset
 
-__all__ = ["PRETRAIN", "cache_dir", "pretrained_path", "pretrain_source", "pretrained_state"]
+__all__ = ["BuiltinNet", "PRETRAIN", "cache_dir", "pretrained_path", "pretrain_source", "pretrained_state"]
+
+
+class BuiltinNet(nn.Module):
+    """The built-in small CNN for 8x8 digit images (about 0.1 M parameters).
+
+    conv1 3x3 (in→w) · GroupNorm · ReLU → conv2 3x3 (w→2w) · GroupNorm · ReLU · max-pool 2 →
+    conv3 3x3 (2w→4w) · GroupNorm · ReLU → global average pool → fc (4w→classes).
+
+    GroupNorm instead of BatchNorm: no batch statistics, so a step under DistributedDataParallel equals the
+    single-process step on the same global batch, and train and eval modes compute the same features.
+    """
+
+    def __init__(self, num_classes: int = 5, in_channels: int = 1, width: int = 32, groups: int = 8):
+        super().__init__()
+        w = width
+        self.conv1, self.norm1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.GroupNorm(groups, w)
+        self.conv2, self.norm2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.GroupNorm(groups, 2 * w)
+        self.conv3, self.norm3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.GroupNorm(groups, 4 * w)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.norm2(self.conv2(x))), 2)
+        x = F.relu(self.norm3(self.conv3(x)))
+        return self.fc(self.pool(x))
+
 
 # The recipe of the source model: SGD with momentum, cosine schedule, ±1 px translations.
 PRETRAIN = {
@@ -73,8 +101,6 @@ def _deterministic():
 
 def pretrain_source(log=print) -> tuple[dict, dict]:
     """Train the built-in network on the source task; returns (state_dict, info with the held-out accuracy)."""
-    from .models import BuiltinNet
-
     p = PRETRAIN
     t0 = time.perf_counter()
     with _deterministic():
@@ -122,7 +148,7 @@ def pretrained_state(cache: str | os.PathLike | None = None, log=print) -> dict:
     Under torch.distributed rank 0 trains and writes it while the other ranks wait.
     """
     path = pretrained_path(cache)
-    if fdist.rank() == 0 and not _readable(path, log):
+    if fdist.rank() == 0 and not _valid(path, log):
         log(f"building the built-in pretrained source model (cached at {path}) ...")
         state, info = pretrain_source(log)
         atomic_save({"state_dict": state, "info": info}, path)
@@ -130,12 +156,20 @@ def pretrained_state(cache: str | os.PathLike | None = None, log=print) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def _readable(path: Path, log) -> bool:
+def _valid(path: Path, log) -> bool:
+    """Whether the cache file holds the built-in source model of the current recipe: readable, made with
+    :data:`PRETRAIN`, and a state that loads into :class:`BuiltinNet` (a stale or foreign file is named, then
+    rebuilt)."""
     if not path.is_file():
         return False
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        return isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict)
-    except Exception as e:
-        log(f"cached source model {path} is unreadable ({type(e).__name__}); rebuilding it")
+        state = obj["state_dict"]
+        if obj.get("info", {}).get("recipe") != PRETRAIN:
+            raise ValueError("it was made with another pretraining recipe")
+        BuiltinNet(state["fc.weight"].shape[0], state["conv1.weight"].shape[1]).load_state_dict(state)
+        return True
+    except Exception as e:  # unreadable, foreign or stale: torch and load_state_dict raise several types
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        log(f"cached source model {path} is unusable ({why}); rebuilding it")
         return False

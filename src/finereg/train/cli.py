@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
+
+from .._checks import FineregError
+from .methods import method_names
 
 __all__ = ["main", "build_parser"]
 
@@ -57,8 +61,7 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
             "--method",
             "-m",
             default=_S,
-            help="erm, l2, l2sp, delta, delta-attention, bss, lwf, "
-            "co-tuning, bi-tuning, or a combination such as l2sp+bss (default: erm)",
+            help=f"{', '.join(method_names())}, or a combination such as l2sp+bss (default: erm)",
         )
     g.add_argument(
         "--set",
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error (also FINEREG_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     fit = sub.add_parser(
         "fit",
@@ -253,10 +257,11 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_methods(ns: argparse.Namespace) -> int:
-    from .methods import REGISTRY, method_aliases
+    from .methods import method_aliases, method_names, registered
 
-    for name, cls in REGISTRY.items():
-        hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "-"
+    for name in method_names():
+        cls = registered(name)
+        hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "-"
         print(
             f"{name:16s} {cls.title}\n{'':16s} defaults (tllib): {hp}; weight decay {cls.weight_decay:g}"
             + (f"; head L2 {cls.head_l2:g}" if cls.head_l2 else "")
@@ -275,13 +280,15 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-
+    """Run the command; an expected error (:class:`~finereg.FineregError`, or the operating system's: a full or
+    read-only disk) is one line on stderr and exit code 2; anything else keeps its traceback. ``--debug`` (or
+    ``FINEREG_DEBUG=1``) re-raises every error."""
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
         return EXIT_ERROR
+    debug = ns.debug or os.environ.get("FINEREG_DEBUG", "") not in ("", "0")
     handler = {"fit": _cmd_fit, "bench": _cmd_bench, "demo": _cmd_demo, "methods": _cmd_methods}[ns.command]
     returned = False
     try:
@@ -289,21 +296,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         returned = True  # every rank returns from a command (a Ctrl-C stop is agreed by all ranks)
         return code
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("finereg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (
-        ValueError,
-        KeyError,
-        CheckpointError,
-        ImportError,
-        RuntimeError,
-        FloatingPointError,
-    ) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"finereg {ns.command}: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:  # a read-only or full disk, a path that is not a directory ...
-        msg = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (e.strerror or str(e))
+    except (FineregError, OSError) as e:
+        if debug:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, FineregError) and e.strerror:
+            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            msg = str(e)
         print(f"finereg {ns.command}: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
     finally:

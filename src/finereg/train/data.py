@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._checks import FineregError, MissingDependencyError, MissingFileError
+
 __all__ = [
     "Batch",
     "TensorImages",
@@ -96,7 +98,7 @@ def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:
     class, so 15 % ⊂ 30 % ⊂ 50 % ⊂ 100 % for the same seed.
     """
     if not 0 < rate <= 100:
-        raise ValueError(f"sample rate must be in (0, 100] percent, got {rate}")
+        raise FineregError(f"sample rate must be in (0, 100] percent, got {rate}")
     labels = torch.as_tensor(labels, dtype=torch.long)
     counts = torch.bincount(labels)
     keep = torch.clamp(torch.floor(counts.double() * rate / 100 + 0.5).long(), min=1)
@@ -106,7 +108,7 @@ def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:
 def check_batch_size(n: int, batch_size: int) -> None:
     """A training set smaller than one batch cannot make a single step: say so."""
     if n < batch_size:
-        raise ValueError(
+        raise FineregError(
             f"the training set has {n} images, fewer than one batch ({batch_size}); "
             "lower --batch-size or raise --sample-rate"
         )
@@ -147,7 +149,7 @@ class TensorImages:
         std: float = DIGITS_STD,
     ):
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-            raise ValueError(
+            raise FineregError(
                 f"images must be (N, C, H, W) with one label each; got {tuple(images.shape)} "
                 f"and {tuple(labels.shape)} labels"
             )
@@ -208,7 +210,9 @@ def digits_arrays() -> tuple[Tensor, Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the built-in 'digits' task needs scikit-learn: pip install 'finereg[train]'") from e
+        raise MissingDependencyError(
+            "the built-in 'digits' task needs scikit-learn: pip install 'finereg[train]'"
+        ) from e
     d = load_digits()
     images = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     return images, torch.as_tensor(d.target, dtype=torch.long)
@@ -372,7 +376,7 @@ def scan_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
 
     classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"{str(split_dir)!r} has no class folders; expected {split_dir}/<class>/<image>")
+        raise MissingFileError(f"{str(split_dir)!r} has no class folders; expected {split_dir}/<class>/<image>")
     files = [
         (str(p), c)
         for c, name in enumerate(classes)
@@ -416,24 +420,24 @@ def load_data(
         return TrainData(data, train, test, pool.classes)
     root = Path(data).expanduser()
     if not root.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data {data!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) nor "
             "an existing folder; give an ImageFolder root with train/<class>/<image> and "
             "val/<class>/<image>"
         )
     if not root.is_dir():
-        raise NotADirectoryError(f"data {data!r} is a file; give an ImageFolder root folder with train/ and val/")
+        raise FineregError(f"data {data!r} is a file; give an ImageFolder root folder with train/ and val/")
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir())
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(root)!r} has no {' or '.join(s + '/' for s in missing)} folder (found: "
             f"{found or 'nothing'}); expected {root}/train/<class>/<image> and {root}/val/..."
         )
     (tc, ts, tbad), (vc, vs, vbad) = scan_folder(root / "train"), scan_folder(root / "val")
     if tc != vc:
         only_t, only_v = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
-        raise ValueError(
+        raise FineregError(
             f"train/ and val/ of {str(root)!r} have different classes: only in train/: {only_t}; "
             f"only in val/: {only_v}. Both must hold the same class folders"
         )
@@ -444,11 +448,18 @@ def load_data(
         log(msg)
     for split, samples in (("train", ts), ("val", vs)):
         if not samples:
-            raise ValueError(f"{str(root / split)!r} holds no readable images (extensions {', '.join(IMG_EXTENSIONS)})")
+            raise FineregError(
+                f"{str(root / split)!r} holds no readable images (extensions {', '.join(IMG_EXTENSIONS)})"
+            )
+    if len(tc) < 2:
+        raise FineregError(
+            f"{str(root / 'train')!r} has one class folder ({tc[0]!r}): a classifier of one class is always right "
+            "(its accuracy would read 100 %). Give at least two class folders"
+        )
     counts = torch.bincount(torch.tensor([c for _, c in ts]), minlength=len(tc))
     empty = [tc[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
     if empty:
-        raise ValueError(
+        raise FineregError(
             f"class folder(s) {empty} of {root / 'train'} hold no readable images; every class "
             "needs at least one training image"
         )

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._checks import FineregError
+
 __all__ = [
     "DistInfo",
     "setup_distributed",
@@ -66,10 +68,10 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+        raise FineregError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device!r} asks for CUDA but no GPU is visible; use --device cpu")
+            raise FineregError(f"--device {device!r} asks for CUDA but no GPU is visible; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -91,7 +93,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     dev = _pick_device(device, local_rank)
     if env_world > 1:
         if not dist.is_available():
-            raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
+            raise FineregError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)

@@ -1,30 +1,28 @@
 """The training engine: :func:`fit` fine-tunes a network with any method recipe and records the run.
 
-One call does: data (built-in or ImageFolder, sampled per class) → model (built-in / torchvision / timm, new
-head, source head kept) → method recipes (set-up pass, loss terms) → SGD with momentum (backbone at
-``backbone_lr_mult`` × the head's learning rate, tllib's ``--finetune``) and a step schedule → per-epoch
-evaluation (top-1, mean per-class accuracy) → metrics (CSV, JSONL, TensorBoard) and an atomic checkpoint per
-epoch. ``resume`` continues bit-for-bit: each epoch's data order, augmentation and global RNG derive from
-``(seed, epoch)``, and a checkpoint taken mid-epoch (Ctrl-C) also stores the step, the RNG state and the
-running sums. Under ``torchrun`` the model is wrapped in DistributedDataParallel; ``batch_size`` is the global
-batch, cut into equal slices per process, so N processes take the steps one process takes.
+``fit`` = hold the run directory (:mod:`.run_dir`) → :func:`~finereg.train.build.build` the run → per epoch
+:func:`train_one_epoch` (each step :func:`train_step`) → :func:`evaluate` → metrics (CSV, JSONL, TensorBoard) and
+an atomic checkpoint. SGD with momentum trains the backbone at ``backbone_lr_mult`` × the head's learning rate
+(tllib's ``--finetune``) with a step schedule; evaluation reports top-1 and mean per-class accuracy.
+
+Exact resume: each epoch's data order, augmentation and global RNG derive from ``(seed, epoch)``, and a
+checkpoint taken mid-epoch (Ctrl-C, SIGTERM) also stores the step, the RNG state and the running sums, so a
+resumed run equals an uninterrupted one. Under ``torchrun`` the model is wrapped in DistributedDataParallel;
+``batch_size`` is the global batch, cut into equal slices per process, so N processes take the steps one
+process takes. The process's global torch state (deterministic algorithms, thread count) is restored on return.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,73 +32,34 @@ from torch import Tensor, nn
 
 from .._checks import FineregError
 from . import dist as fdist
-from .builtin import cache_dir as default_cache_dir
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BUILTIN_DATASETS, TrainData, check_batch_size, derive_seed, epoch_plan, load_data
-from .methods import Context, Recipe, StepOut, build_recipes, default_weight_decay, parse_overrides
-from .metrics import MetricsLogger, accuracy_from_counts, write_text_atomic
-from .models import TransferNet, build_model
+from .build import Run, build
+from .checkpoint import load_checkpoint
+from .config import FitConfig, check_config, merge_resume
+from .data import BUILTIN_DATASETS, Batch, derive_seed, epoch_plan
+from .metrics import accuracy_from_counts
+from .models import Outputs, TransferNet, build_model
 from .run_dir import RunDir
 
-__all__ = ["FitConfig", "FitResult", "StepInfo", "fit", "evaluate", "load_trained"]
-
-# Defaults of the built-in digits task (measured in docs/engine.md): a short budget of 60 steps, the same for every
-# sampling rate as tllib's fixed --iters-per-epoch; in it the pretrained start beats a random one by 5-10 points.
-DIGITS = {"epochs": 6, "iters_per_epoch": 10, "batch_size": 32, "lr": 0.05}
-# Defaults elsewhere: tllib's example scripts (20 epochs, lr 0.01, batch 48), an epoch being one pass.
-FOLDER = {"epochs": 20, "iters_per_epoch": None, "batch_size": 48, "lr": 0.01}
-
-
-@dataclass
-class FitConfig:
-    """Everything a run depends on. ``None`` means "the default for this data / method" (see :func:`fit`)."""
-
-    data: str = "digits"
-    arch: str = "builtin"
-    weights: str | None = None
-    method: str = "erm"
-    set: dict[str, Any] = field(default_factory=dict)  # {"bss.trade_off": 0.001}
-    sample_rate: float = 100
-    data_seed: int = 0
-    seed: int = 0
-    epochs: int | None = None
-    iters_per_epoch: int | None = None
-    batch_size: int | None = None  # the global batch (split across processes)
-    lr: float | None = None  # of the new head; the backbone takes backbone_lr_mult x lr
-    backbone_lr_mult: float = 0.1
-    lr_steps: list[int] | None = None
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    image_size: int = 224
-    workers: int = 2
-    threads: int | None = None  # CPU threads; default 1 on the built-in task (its tiny model runs fastest so)
-    device: str = "auto"
-    bf16: bool = False
-    compile: bool = False
-    deterministic: bool = True
-    out: str | None = None
-    resume: bool | str = False
-    overwrite: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    cache_dir: str | None = None
+__all__ = [
+    "FitConfig",
+    "FitResult",
+    "StepInfo",
+    "LossNotFinite",
+    "fit",
+    "train_one_epoch",
+    "train_step",
+    "evaluate",
+    "load_trained",
+]
 
 
-# Fields that may change when a run resumes; all others must equal the checkpoint's.
-_RESUME_FREE = {
-    "epochs",
-    "device",
-    "workers",
-    "threads",
-    "progress",
-    "tensorboard",
-    "compile",
-    "cache_dir",
-    "out",
-    "resume",
-    "overwrite",
-}
+class LossNotFinite(FineregError, FloatingPointError):
+    """The loss became NaN or infinite: the learning rate or a trade-off is too large for this run."""
+
+
+# Evaluation images that fail to load are left out and counted; past this share of the evaluation set (or when a
+# class loses all of its images) the accuracy would mislead, and evaluation fails.
+MAX_UNREADABLE = 0.05
 
 
 @dataclass
@@ -157,118 +116,6 @@ class _Stop:
             signal.signal(sig, old)
 
 
-# ------------------------------------------------------------------------------------------------ helpers
-def _resolve(cfg: FitConfig, recipes: list[Recipe]) -> FitConfig:
-    """``cfg`` with its ``None`` fields set: the data's preset, the schedule at 60 % and tllib's weight decay."""
-    preset = DIGITS if cfg.data in BUILTIN_DATASETS else FOLDER
-    filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in preset.items()}
-    steps = cfg.lr_steps if cfg.lr_steps is not None else [max(1, round(0.6 * filled["epochs"]))]
-    wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(recipes)
-    return dataclasses.replace(cfg, **filled, lr_steps=list(steps), weight_decay=wd)
-
-
-def _check(cfg: FitConfig) -> None:
-    for name in ("batch_size", "image_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.epochs is not None and cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.iters_per_epoch is not None and cfg.iters_per_epoch < 1:
-        raise ValueError(f"iters_per_epoch must be >= 1, got {cfg.iters_per_epoch}")
-    if not 0 < cfg.sample_rate <= 100:
-        raise ValueError(f"sample_rate is a percentage in (0, 100], got {cfg.sample_rate}")
-    if (cfg.lr is not None and not 0 < cfg.lr < math.inf) or not 0 <= cfg.backbone_lr_mult < math.inf:
-        raise ValueError(f"lr must be > 0 and backbone_lr_mult >= 0 (got {cfg.lr}, {cfg.backbone_lr_mult})")
-    if cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0, got {cfg.workers}")
-
-
-def _merge_resume(cfg: FitConfig, saved: dict) -> FitConfig:
-    """The checkpoint's config, with the fields ``cfg`` changes from the defaults; a conflicting change of a
-    field that shapes training raises ValueError listing them."""
-    default = FitConfig()
-    merged, conflicts = dict(saved), []
-    for f in dataclasses.fields(FitConfig):
-        new = getattr(cfg, f.name)
-        if f.name not in saved or (f.name in _RESUME_FREE and new != getattr(default, f.name)):
-            merged[f.name] = new
-        elif new != getattr(default, f.name) and _norm(new) != _norm(saved[f.name]):
-            conflicts.append(f"{f.name}: checkpoint {saved[f.name]!r}, now {new!r}")
-    if conflicts:
-        raise ValueError(
-            "cannot resume with different training settings (" + "; ".join(conflicts) + "). Resume "
-            "without them, or start a new run (another --out, or --overwrite)"
-        )
-    merged["resume"] = cfg.resume
-    return FitConfig(**{f.name: merged[f.name] for f in dataclasses.fields(FitConfig)})
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _param_groups(model: nn.Module, net: TransferNet, lr: float, backbone_mult: float) -> list[dict]:
-    """tllib's ``get_parameters``: the pretrained parts (backbone, source head) at ``backbone_mult``·lr, all
-    new modules (target head, projector, ...) at lr."""
-    pretrained = {id(p) for m in (net.backbone, net.source_head) if m is not None for p in m.parameters()}
-    old, new = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (old if id(p) in pretrained else new).append(p)
-    groups = [{"params": old, "lr": lr * backbone_mult, "name": "backbone"}, {"params": new, "lr": lr, "name": "head"}]
-    return [g for g in groups if g["params"]]
-
-
-@torch.no_grad()
-def evaluate(
-    net: nn.Module,
-    data,
-    batch_size: int,
-    device: torch.device,
-    num_classes: int,
-    autocast: Callable[[], Any] = contextlib.nullcontext,
-) -> dict[str, float]:
-    """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``.
-
-    Under torch.distributed each process evaluates every N-th sample and the counts are summed.
-    """
-    was = net.training
-    net.eval()
-    r, w = fdist.rank(), fdist.world_size()
-    idx = torch.arange(len(data))[r::w]
-    stats = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, total per class
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    skipped = 0
-    for b in data.eval_batches(batch_size, device, idx):
-        skipped += b.skipped
-        if b.x.numel() == 0:
-            continue
-        with autocast():
-            logits = net(b.x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, b.y, reduction="sum").double()
-        hit = (logits.argmax(1) == b.y).double()
-        stats[0].index_add_(0, b.y, hit)
-        stats[1].index_add_(0, b.y, torch.ones_like(hit))
-    fdist.all_reduce_sum(stats)
-    fdist.all_reduce_sum(loss_sum)
-    net.train(was)
-    top1, mean_class = accuracy_from_counts(stats[0].cpu(), stats[1].cpu())
-    return {
-        "val_top1": top1,
-        "val_mean_class_acc": mean_class,
-        "val_loss": float(loss_sum / stats[1].sum().clamp_min(1)),
-    }
-
-
-def _make_run_dir(cfg: FitConfig, info: fdist.DistInfo) -> Path:
-    out = cfg.out
-    if out is None:
-        out = f"runs/fit-{time.strftime('%Y%m%d-%H%M%S')}" if info.is_main else None
-        out = fdist.broadcast_object(out)
-    return Path(out).expanduser()
-
-
 class _Meter:
     """Running sample-weighted sums of the loss terms and the training accuracy of an epoch."""
 
@@ -312,22 +159,13 @@ class _Meter:
 def fit(
     cfg: FitConfig, *, on_step: Callable[[StepInfo], None] | None = None, log: Callable[[str], None] | None = None
 ) -> FitResult:
-    """Fine-tune as ``cfg`` says; returns the run directory, the metric history and the trained network.
-
-    Defaults (``None`` fields): on the built-in ``digits`` task :data:`DIGITS` (6 epochs of 10 steps, batch 32,
-    lr 0.05), else tllib's :data:`FOLDER` (20 epochs of one pass, batch 48, lr 0.01); the learning rate drops
-    by ``lr_gamma`` at 60 % of the epochs; weight decay is tllib's for the method (0 for L2-SP / DELTA, whose
-    penalties replace it; 5e-4 otherwise).
-    Interrupt (Ctrl-C, SIGTERM, or KeyboardInterrupt from ``on_step``) → a checkpoint at the last finished
-    step and ``FitResult.interrupted``.
-    """
-    _check(cfg)
+    """Fine-tune as ``cfg`` says (defaults: :mod:`finereg.train.config`); returns the run directory, the metric
+    history and the trained network. An interrupt (Ctrl-C, SIGTERM, or ``KeyboardInterrupt`` raised by
+    ``on_step``) saves a checkpoint at the last finished step and returns with ``interrupted`` set."""
+    check_config(cfg)
     info = fdist.setup_distributed(cfg.device)
     say = log or print
     logp = (lambda msg: say(msg)) if info.is_main else (lambda msg: None)
-
-    if cfg.out is not None and not str(cfg.out).strip():
-        raise FineregError("--out is empty; give the run directory (default: runs/fit-<time>)")
     resume = None
     if cfg.resume:
         resume = cfg.resume if isinstance(cfg.resume, (str, os.PathLike)) else cfg.out
@@ -339,287 +177,198 @@ def fit(
                 f"--resume {resume} continues the run in {str(held)!r}, but --out says {cfg.out!r}; drop --out "
                 "(a resumed run stays in its directory), or start a new run in --out without --resume"
             )
-    rd = RunDir(
-        _make_run_dir(cfg, info) if resume is None else "",
-        resume=resume,
-        overwrite=cfg.overwrite,
-        lock=info.is_main,
-    )
-    run_dir, ckpt = rd.path, rd.checkpoint
+    out = cfg.out
+    if resume is None and out is None:  # one name for all processes
+        out = fdist.broadcast_object(f"runs/fit-{time.strftime('%Y%m%d-%H%M%S')}" if info.is_main else None)
+    with ExitStack() as stack:
+        rd = stack.enter_context(RunDir(out or "", resume=resume, overwrite=cfg.overwrite, lock=info.is_main))
+        if rd.checkpoint is not None:
+            cfg = merge_resume(cfg, rd.checkpoint["config"])
+        fdist.barrier()
+        stack.enter_context(_torch_state(cfg, info.device))
+        run = build(cfg, rd, info, logp)
+        stack.callback(run.close)
+        interrupted = _train(run, on_step)
+        history = run.logger.history
+        return FitResult(rd.path, len(history), list(history), run.net.eval(), interrupted, run.cfg)
 
-    prev_det = torch.are_deterministic_algorithms_enabled()
+
+@contextlib.contextmanager
+def _torch_state(cfg: FitConfig, device: torch.device):
+    """Deterministic algorithms and the thread count for the run; the caller's settings restored after it."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.deterministic:
-        if info.device.type == "cuda":
+        if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    cache = default_cache_dir(cfg.cache_dir)
-    prev_threads = torch.get_num_threads()
-    threads = cfg.threads or (1 if cfg.data in BUILTIN_DATASETS else None)
-    if threads:
+    wanted = cfg.threads or (1 if cfg.data in BUILTIN_DATASETS else None)
+    if wanted:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
-    recipes: list[Recipe] = []
-    logger: MetricsLogger | None = None
+
+
+def _train(run: Run, on_step: Callable[[StepInfo], None] | None) -> bool:
+    """The epochs from the resume point: train, evaluate, log, checkpoint. Returns whether it was interrupted."""
+    cfg = run.cfg
+    if run.start_epoch >= cfg.epochs:
+        run.log(f"{run.run_dir} is complete ({run.start_epoch} of {cfg.epochs} epochs); train longer with --epochs N")
+    elif run.start_epoch or run.start_step:
+        at = f", step {run.start_step}" if run.start_step else ""
+        run.log(f"resuming {run.run_dir} at epoch {run.start_epoch + 1}{at}")
+    with _Stop(run.log) as stop:
+        for epoch in range(run.start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            meter = train_one_epoch(run, epoch, stop, on_step)
+            if meter is None:
+                return True
+            lr = run.optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
+            run.scheduler.step()
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                **meter.reduced(run.info.device),
+                **evaluate(run.net, run.data.val, cfg.batch_size, run.info.device, len(run.data.classes), run.autocast),
+                "epoch_seconds": time.perf_counter() - t0,
+            }
+            if row.get("val_skipped_images"):
+                run.log(f"epoch {epoch + 1}: {row['val_skipped_images']} evaluation images could not be read")
+            run.logger.log(row)
+            run.checkpoint(epoch + 1, 0, None, None)
+            shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_")))
+            run.log(f"epoch {epoch + 1}/{cfg.epochs}: {shown}")
+    return False
+
+
+def train_one_epoch(
+    run: Run, epoch: int, stop: _Stop, on_step: Callable[[StepInfo], None] | None = None
+) -> _Meter | None:
+    """One epoch of steps from the epoch plan (from the resume step, if any); ``None`` when interrupted (then a
+    checkpoint at the last finished step was saved, unless the interrupt came inside a step)."""
+    cfg, info = run.cfg, run.info
+    first = run.start_step if epoch == run.start_epoch else 0
+    if first and run.rng is not None:
+        torch.set_rng_state(run.rng)
+    else:
+        torch.manual_seed(derive_seed(cfg.seed, epoch, 1))
+    meter = _Meter(run.meter_state if first else None)
+    order, seeds = epoch_plan(len(run.data.train), cfg.batch_size, run.steps, cfg.seed, epoch)
+    cut = run.batch_slice
+    batches = run.data.train.train_batches(order[first:, cut], seeds[first:, cut], run.views, info.device)
+    run.model.train()
+    bar = _bar(cfg.progress and info.is_main, run.steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
+    step, in_step = first, False
     try:
-        if ckpt is not None:
-            cfg = _merge_resume(cfg, ckpt["config"])
-        fdist.barrier()
-        recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data in BUILTIN_DATASETS)
-        cfg = _resolve(cfg, recipes)
-        if ckpt is not None and ckpt["epoch"] > cfg.epochs:
-            raise ValueError(
-                f"{str(run_dir)!r} already holds {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; "
-                "resume with at least as many epochs, or start a new run (another --out)"
+        for batch in batches:
+            meter.skipped += batch.skipped
+            if batch.y.numel() == 0:  # every image of the batch failed to load
+                if info.distributed:
+                    raise FineregError(f"no image of a batch of epoch {epoch + 1} could be read")
+                step += 1
+                continue
+            in_step = True
+            terms, logits = train_step(run, batch, epoch, step)
+            in_step = False
+            step += 1
+            meter.update(terms, logits, batch.y)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items()}, refresh=False)
+            if on_step is not None:
+                on_step(StepInfo(epoch, step, run.steps, {k: float(v.detach()) for k, v in terms.items()}, run.model))
+            if _stop_requested(stop.requested, info):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if in_step:
+            run.log(f"interrupted inside a step; the last checkpoint in {run.run_dir} is kept")
+        else:
+            run.checkpoint(epoch, step, meter.state(), torch.get_rng_state())
+            run.log(
+                f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved; continue with "
+                f"finereg fit --resume {run.run_dir}"
             )
-        torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))  # new head init
-        data = load_data(
-            cfg.data,
-            sample_rate=cfg.sample_rate,
-            data_seed=cfg.data_seed,
-            image_size=cfg.image_size,
-            workers=cfg.workers,
-            log=logp,
-        )
-        check_batch_size(len(data.train), cfg.batch_size)
-        bundle = build_model(
-            cfg.arch,
-            len(data.classes),
-            weights=cfg.weights,
-            in_channels=data.in_channels,
-            cache_dir=cfg.cache_dir,
-            log=logp,
-        )
-        net = bundle.net.to(info.device)
-        _probe(net, data, bundle.arch)
-        needs_head = [r.name for r in recipes if r.uses_source_head]
-        if needs_head and net.source_head is None:
-            raise ValueError(
-                f"{', '.join(needs_head)} needs the pretrained classifier as source head, and "
-                f"weights {bundle.weights!r} bring none; use pretrained weights"
-            )
-        net.use_source_head = bool(needs_head)
-        if any(r.trains_source_head for r in recipes):
-            net.source_head.requires_grad_(True)
-        source = None
-        if any(r.needs_source for r in recipes):
-            source = copy.deepcopy(net).eval().requires_grad_(False)
-            source.use_source_head = False
-        autocast = (
-            (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
-        )
-        ctx = Context(
-            net=net,
-            data=data,
-            dist=info,
-            device=info.device,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            run_dir=run_dir,
-            cache_dir=cache,
-            log=logp,
-            source=source,
-            autocast=autocast,
-        )
-        if ckpt is not None:
-            for r in recipes:
-                r.load_state_dict(ckpt.get("recipes", {}).get(r.name, {}))
-        model: nn.Module = net
-        for r in recipes:  # wrap first: a wrapper's copies (Bi-Tuning's key encoder) must not carry others' hooks
-            if r.wraps:
-                model = r.wrap(net, ctx)
-        model.to(info.device)
-        fdist.barrier()
-        for r in recipes:
-            r.setup(ctx)
-        if info.is_main:
-            rd.begin(logp)
-        forward = next((r.forward for r in recipes if r.wraps), None)
-        views = max((r.views for r in recipes), default=1)
-
-        optimizer = torch.optim.SGD(
-            _param_groups(model, net, cfg.lr, cfg.backbone_lr_mult),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.momentum > 0,
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_steps, gamma=cfg.lr_gamma)
-        start_epoch, start_step, history, meter_state, rng = 0, 0, [], None, None
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
-            meter_state, rng = ckpt.get("meter"), ckpt.get("rng")
-            if start_epoch >= cfg.epochs:
-                logp(f"{run_dir} is complete ({start_epoch} of {cfg.epochs} epochs); train longer with --epochs N")
-            else:
-                logp(f"resuming {run_dir} at epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
-
-        train_model = model
-        if info.distributed:
-            if cfg.batch_size % info.world_size:
-                raise ValueError(
-                    f"batch_size {cfg.batch_size} (the global batch) must divide by the {info.world_size} processes"
-                )
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[info.device.index] if info.device.type == "cuda" else None
-            )
-            # a size-1 dimension (1-channel input conv) makes equivalent strides differ; harmless
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        if cfg.compile:
-            train_model = torch.compile(train_model)
-        run_forward = (lambda b: forward(train_model, b)) if forward else (lambda b: StepOut.of(train_model(b.x)))
-
-        n_train = len(data.train)
-        steps = cfg.iters_per_epoch or n_train // cfg.batch_size
-        if info.is_main:
-            write_text_atomic(run_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-            logp(
-                f"fit: {cfg.method} on {data.name} ({n_train} training images, {len(data.classes)} classes, "
-                f"{cfg.sample_rate:g}% per class) | {bundle.arch} ({bundle.weights}) | {cfg.epochs} epochs x "
-                f"{steps} steps x batch {cfg.batch_size} | " + ", ".join(map(repr, recipes))
-            )
-        logger = MetricsLogger(run_dir, history, enabled=info.is_main, tensorboard=cfg.tensorboard)
-        lo, hi = info.rank * cfg.batch_size // info.world_size, (info.rank + 1) * cfg.batch_size // info.world_size
-
-        def checkpoint(epoch: int, step: int, meter: _Meter | None, rng_state: Tensor | None) -> None:
-            if info.is_main:
-                save_checkpoint(
-                    {
-                        "config": dataclasses.asdict(cfg),
-                        "epoch": epoch,
-                        "step": step,
-                        "model": model.state_dict(),
-                        "net": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "recipes": {r.name: r.state_dict() for r in recipes},
-                        "history": logger.history,
-                        "meter": meter.state() if meter else None,
-                        "rng": rng_state,
-                        "classes": data.classes,
-                    },
-                    run_dir,
-                )
-            fdist.barrier()
-
-        interrupted = False
-        with _Stop(logp) as stop:
-            epoch = start_epoch
-            for epoch in range(start_epoch, cfg.epochs):
-                first = start_step if epoch == start_epoch else 0
-                if first and rng is not None:
-                    torch.set_rng_state(rng)
-                else:
-                    torch.manual_seed(derive_seed(cfg.seed, epoch, 1))
-                meter = _Meter(meter_state if first else None)
-                order, seeds = epoch_plan(n_train, cfg.batch_size, steps, cfg.seed, epoch)
-                batches = data.train.train_batches(order[first:, lo:hi], seeds[first:, lo:hi], views, info.device)
-                model.train()
-                bar = _bar(cfg.progress and info.is_main, steps, first, f"epoch {epoch + 1}/{cfg.epochs}")
-                t0 = time.perf_counter()
-                step = first
-                in_step = False
-                try:
-                    for batch in batches:
-                        meter.skipped += batch.skipped
-                        if batch.y.numel() == 0:  # every image of the batch failed to load
-                            if info.distributed:
-                                raise RuntimeError(f"no image of a batch of epoch {epoch + 1} could be read")
-                            step += 1
-                            continue
-                        in_step = True
-                        with autocast():
-                            out = run_forward(batch)
-                        out = StepOut(
-                            out.logits.float(),
-                            None if out.features is None else out.features.float(),
-                            None if out.source_logits is None else out.source_logits.float(),
-                            out.extra,
-                        )
-                        terms = {"ce": F.cross_entropy(out.logits, batch.y)}
-                        for r in recipes:
-                            terms.update(r.terms(batch, out, ctx))
-                        loss = sum(terms.values())
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
-                                f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in terms.items())})"
-                                "; lower --lr or the trade-offs"
-                            )
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        in_step = False
-                        step += 1
-                        meter.update(terms, out.logits, batch.y)
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix({k: f"{v:.4g}" for k, v in meter.means().items()}, refresh=False)
-                        if on_step is not None:
-                            on_step(
-                                StepInfo(epoch, step, steps, {k: float(v.detach()) for k, v in terms.items()}, model)
-                            )
-                        if _stop_requested(stop.requested, info):
-                            raise KeyboardInterrupt
-                except KeyboardInterrupt:
-                    if bar is not None:
-                        bar.close()
-                    interrupted = True
-                    if in_step:
-                        logp(f"interrupted inside a step; the last checkpoint in {run_dir} is kept")
-                    else:
-                        checkpoint(epoch, step, meter, torch.get_rng_state())
-                        logp(
-                            f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved; continue with "
-                            f"finereg fit --resume {run_dir}"
-                        )
-                    break
-                if bar is not None:
-                    bar.close()
-                lr = optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
-                scheduler.step()
-                row = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    **meter.reduced(info.device),
-                    **evaluate(net, data.val, cfg.batch_size, info.device, len(data.classes), autocast),
-                    "epoch_seconds": time.perf_counter() - t0,
-                }
-                logger.log(row)
-                checkpoint(epoch + 1, 0, None, None)
-                logp(
-                    f"epoch {epoch + 1}/{cfg.epochs}: "
-                    + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_")))
-                )
-        return FitResult(run_dir, len(logger.history), list(logger.history), net.eval(), interrupted, cfg)
-    except BaseException:
-        rd.close(failed=True)
-        raise
+        return None
     finally:
-        rd.close()
-        for r in recipes:
-            r.close()
-        if logger is not None:
-            logger.close()
-        torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
+        if bar is not None:
+            bar.close()
+    return meter
 
 
-def _probe(net: TransferNet, data: TrainData, arch: str) -> None:
-    """One forward on two evaluation images, to turn a shape mismatch into a clear error before any work."""
-    b = next(data.val.eval_batches(2, next(net.parameters()).device))
-    try:
-        with torch.no_grad():
-            net.eval()(b.x)
-    except RuntimeError as e:
-        raise ValueError(
-            f"architecture {arch!r} cannot read the images of {data.name!r} (shape "
-            f"{tuple(b.x.shape[1:])}): {str(e).splitlines()[0]}. The built-in digits task takes "
-            "--arch builtin; torchvision / timm models take an ImageFolder root of RGB images"
-        ) from None
-    finally:
-        net.train()
+def train_step(run: Run, batch: Batch, epoch: int = 0, step: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """One optimizer step: forward (the recipe's, if it wraps the network), cross-entropy plus every recipe's
+    terms, backward, update. Returns the terms and the logits; a non-finite loss is an error naming the terms."""
+    with run.autocast():
+        out: Outputs = run.forward(batch)
+    out = out.float()
+    terms = {"ce": F.cross_entropy(out.logits, batch.y)}
+    for r in run.recipes:
+        terms.update(r.terms(batch, out, run.ctx))
+    loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        raise LossNotFinite(
+            f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} ({shown}); lower --lr or the "
+            "trade-offs"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return terms, out.logits
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module,
+    data,
+    batch_size: int,
+    device: torch.device,
+    num_classes: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``.
+
+    Under torch.distributed each process evaluates every N-th sample and the counts are summed. Images that fail
+    to load are left out and counted (``val_skipped_images``); more than :data:`MAX_UNREADABLE` of them, or a class
+    left without images, raises :class:`FineregError`.
+    """
+    was = net.training
+    net.eval()
+    r, w = fdist.rank(), fdist.world_size()
+    idx = torch.arange(len(data))[r::w]
+    stats = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, total per class
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, unreadable images
+    for b in data.eval_batches(batch_size, device, idx):
+        sums[1] += b.skipped
+        if b.x.numel() == 0:
+            continue
+        with autocast():
+            logits = net(b.x)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, b.y, reduction="sum").double()
+        hit = (logits.argmax(1) == b.y).double()
+        stats[0].index_add_(0, b.y, hit)
+        stats[1].index_add_(0, b.y, torch.ones_like(hit))
+    fdist.all_reduce_sum(stats)
+    fdist.all_reduce_sum(sums)
+    net.train(was)
+    skipped = int(sums[1])
+    if skipped:
+        lost = torch.nonzero(stats[1].cpu() == 0).flatten().tolist()
+        if skipped > MAX_UNREADABLE * len(data) or lost:
+            classes = getattr(data, "classes", None) or list(range(num_classes))
+            why = f"; class(es) {', '.join(str(classes[i]) for i in lost)} lost all their images" if lost else ""
+            raise FineregError(
+                f"{skipped} of {len(data)} evaluation images could not be read{why}: the accuracy would not be that "
+                "of the evaluation set. Check the files (disk, permissions) and run again (--resume)"
+            )
+    top1, mean_class = accuracy_from_counts(stats[0].cpu(), stats[1].cpu())
+    row = {"val_top1": top1, "val_mean_class_acc": mean_class, "val_loss": float(sums[0] / stats[1].sum().clamp(1))}
+    if skipped:
+        row["val_skipped_images"] = skipped
+    return row
 
 
 def _stop_requested(local: bool, info: fdist.DistInfo) -> bool:

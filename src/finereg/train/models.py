@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError, MissingFileError
 from .._utils import strip_prefixes, unknown_name_error, unwrap
+from .builtin import BuiltinNet, pretrained_state
 
 __all__ = [
-    "BuiltinNet",
     "TransferNet",
-    "NetOutput",
+    "Outputs",
     "ModelBundle",
     "build_model",
     "list_architectures",
@@ -32,64 +32,57 @@ __all__ = [
 ]
 
 
-class BuiltinNet(nn.Module):
-    """The built-in small CNN for 8x8 digit images (about 0.1 M parameters).
-
-    conv1 3x3 (in→w) · GroupNorm · ReLU → conv2 3x3 (w→2w) · GroupNorm · ReLU · max-pool 2 →
-    conv3 3x3 (2w→4w) · GroupNorm · ReLU → global average pool → fc (4w→classes).
-
-    GroupNorm instead of BatchNorm: no batch statistics, so a step under DistributedDataParallel equals the
-    single-process step on the same global batch, and train and eval modes compute the same features.
-    """
-
-    def __init__(self, num_classes: int = 5, in_channels: int = 1, width: int = 32, groups: int = 8):
-        super().__init__()
-        w = width
-        self.conv1, self.norm1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.GroupNorm(groups, w)
-        self.conv2, self.norm2 = nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.GroupNorm(groups, 2 * w)
-        self.conv3, self.norm3 = nn.Conv2d(2 * w, 4 * w, 3, padding=1, bias=False), nn.GroupNorm(groups, 4 * w)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(4 * w, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.norm1(self.conv1(x)))
-        x = F.max_pool2d(F.relu(self.norm2(self.conv2(x))), 2)
-        x = F.relu(self.norm3(self.conv3(x)))
-        return self.fc(self.pool(x))
-
-
-class NetOutput(NamedTuple):
-    """What a :class:`TransferNet` returns in training mode."""
+class Outputs(NamedTuple):
+    """The outputs of one training forward, which the loss terms read: what a :class:`TransferNet` returns in
+    training mode, and what a recipe's own forward (a wrapper's) returns."""
 
     logits: Tensor  # target-head logits (b, classes)
-    features: Tensor  # pooled backbone features (b, d)
-    source_logits: Tensor | None  # source-head logits (b, source classes) when the source head is in use
+    features: Tensor | None = None  # pooled backbone features (b, d)
+    source_logits: Tensor | None = None  # source-head logits (b, source classes) when the source head is in use
+    extra: dict[str, Tensor] | None = None  # a wrapper's further outputs (Bi-Tuning's contrastive logits)
+
+    def float(self) -> Outputs:
+        """The same outputs in float32 (after a bf16 autocast forward)."""
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        extra = None if self.extra is None else {k: f(v) for k, v in self.extra.items()}
+        return Outputs(self.logits.float(), f(self.features), f(self.source_logits), extra)
 
 
 class TransferNet(nn.Module):
     """backbone → features → new target ``head``; the pretrained classifier kept as ``source_head``.
 
-    In eval mode ``forward`` returns the target logits; in training mode a :class:`NetOutput` (features for
-    BSS, source-head logits for LwF / Co-Tuning when ``use_source_head`` is set).
+    In eval mode ``forward`` returns the target logits; in training mode :class:`Outputs` (features for BSS,
+    source-head logits for LwF / Co-Tuning once :meth:`use_source_head` was called).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, source_head: nn.Module | None = None):
         super().__init__()
         self.backbone, self.head, self.source_head = backbone, head, source_head
-        self.use_source_head = False
+        self.source_head_in_use = False
 
     def forward(self, x: Tensor):
         f = self.backbone(x)
         y = self.head(f)
         if not self.training:
             return y
-        ys = self.source_head(f) if self.use_source_head and self.source_head is not None else None
-        return NetOutput(y, f, ys)
+        ys = self.source_head(f) if self.source_head_in_use else None
+        return Outputs(y, f, ys)
+
+    def use_source_head(self, method: str, *, train: bool = True) -> None:
+        """Make the training forward return the source head's logits too (and train the source head with the
+        backbone if ``train``); a clear error when the network was built without a pretrained classifier."""
+        if self.source_head is None:
+            raise FineregError(
+                f"{method} needs the pretrained classifier as source head, and these weights bring none; use "
+                "pretrained weights (--weights)"
+            )
+        self.source_head_in_use = True
+        self.source_head.requires_grad_(train)
 
     def source_model(self) -> nn.Sequential:
         """backbone → source head: the pretrained classifier (sharing this net's modules)."""
         if self.source_head is None:
-            raise ValueError("this model has no source head (it was built without a pretrained classifier)")
+            raise FineregError("this model has no source head (it was built without a pretrained classifier)")
         return nn.Sequential(self.backbone, self.source_head)
 
 
@@ -153,12 +146,12 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
         try:
             return torchvision.models.get_model(arch, weights=weights, **kw)
         except (ValueError, KeyError) as e:
-            raise ValueError(
+            raise FineregError(
                 f"torchvision has no weights {pretrained!r} for {arch!r} ({e}); use --weights "
                 "pretrained, a weight name such as IMAGENET1K_V1, a file, or none"
             ) from None
         except Exception as e:
-            raise RuntimeError(_offline_hint(arch, e)) from None
+            raise FineregError(_offline_hint(arch, e)) from None
     if arch in _timm_names():
         import timm
 
@@ -166,7 +159,7 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
             return timm.create_model(arch, pretrained=bool(pretrained), in_chans=in_channels, **kw)
         except Exception as e:
             if pretrained:
-                raise RuntimeError(_offline_hint(arch, e)) from None
+                raise FineregError(_offline_hint(arch, e)) from None
             raise
     raise _unknown_arch(arch)
 
@@ -190,7 +183,7 @@ def classifier_name(model: nn.Module) -> str:
             return cfg["classifier"]
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace with a target head")
+        raise FineregError(f"{type(model).__name__} has no nn.Linear classifier to replace with a target head")
     return linears[-1]
 
 
@@ -215,21 +208,28 @@ def load_weights_file(path: str | os.PathLike) -> OrderedDict:
     """A state_dict from a file: a plain state_dict, ``{'state_dict': ...}``, ``{'model': ...}`` (finereg and
     torchvision reference checkpoints), with ``module.`` / ``_orig_mod.`` prefixes removed."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise FineregError(f"--weights {str(path)!r} is a directory; give a weights file (a state_dict or checkpoint)")
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+        raise MissingFileError(f"weights file {str(path)!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"cannot read weights file {str(path)!r} ({type(e).__name__}: {e}); it must be a "
-            "torch.save'd state_dict or checkpoint"
-        ) from None
+    except Exception:  # torch raises several types; its message may advise an unsafe full unpickling
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        why = (
+            "it holds Python objects besides tensors, which finereg does not unpickle (that could run code): save "
+            "model.state_dict() instead"
+            if magic == b"PK\x03\x04" or magic[:1] == b"\x80"  # torch.save's zip archive, or a legacy pickle
+            else "it is not a file written by torch.save"
+        )
+        raise FineregError(f"cannot read weights file {str(path)!r}: {why}") from None
     for key in ("net", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {str(path)!r} holds no state_dict (a dict of tensors)")
+        raise FineregError(f"weights file {str(path)!r} holds no state_dict (a dict of tensors)")
     return OrderedDict((strip_prefixes(k), v) for k, v in obj.items())
 
 
@@ -265,24 +265,22 @@ def build_model(
     Default: ``builtin`` for the built-in network, ``pretrained`` otherwise.
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise FineregError(f"num_classes must be >= 1, got {num_classes}")
     if arch != "builtin" and arch not in _torchvision_names() and arch not in _timm_names():
         raise _unknown_arch(arch)
     weights = weights or ("builtin" if arch == "builtin" else "pretrained")
     source_classes: int | None = None
     if weights == "builtin":
         if arch != "builtin":
-            raise ValueError(
+            raise FineregError(
                 f"--weights builtin is the built-in digits network; it does not fit arch {arch!r}. "
                 "Use --weights pretrained, a file, or none"
             )
         if in_channels != 1:
-            raise ValueError(
+            raise FineregError(
                 "the built-in pretrained network reads 1-channel 8x8 digits; with this data use "
                 "--weights none or another architecture"
             )
-        from .builtin import pretrained_state
-
         state = pretrained_state(cache_dir, log=log)
         model = BuiltinNet(state["fc.weight"].shape[0], in_channels)
         model.load_state_dict(state)
@@ -300,13 +298,13 @@ def build_model(
             model.load_state_dict(state)
         except RuntimeError as e:
             detail = " ".join(str(e).split("\n", 1)[-1].split())[:300]
-            raise ValueError(
+            raise FineregError(
                 f"weights {weights!r} do not fit {arch!r} ({detail}). Is it a state_dict of this architecture?"
             ) from None
         source_classes = rows
     else:
         if arch == "builtin":
-            raise ValueError(
+            raise FineregError(
                 f"--weights {weights!r} names hub weights, which the built-in network has none of; "
                 "use --weights builtin (its pretrained digits network), a file, or none"
             )
