@@ -256,7 +256,7 @@ def test_spd_zero_anchors_keep_no_copy_and_equal_explicit_zeros():
     for anchors in ("zero", "zeros"):
         model = moved_model()
         explicit = [torch.zeros_like(p) for p in model.parameters()]
-        opt = SPD(torch.optim.Adam(model.parameters(), lr=1e-2), anchors if anchors == "zero" else explicit)
+        opt = spd(torch.optim.Adam(model.parameters(), lr=1e-2), anchors if anchors == "zero" else explicit)
         if anchors == "zero":
             assert all(opt.state[p]["anchor"] == "zero" for p in model.parameters())
         for s in range(4):
@@ -294,22 +294,27 @@ def test_decoupled_l2sp_new_params_decay_towards_zero():
         torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12, msg=n)
 
 
+def sgd(m, named=False):
+    return torch.optim.SGD(m.named_parameters() if named else m.parameters(), lr=0.1)
+
+
+def spd(opt, *args, weight_decay=1.0, **kwargs):
+    return SPD(opt, *args, weight_decay=weight_decay, **kwargs)
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda m: SPD(m), "must be a torch.optim.Optimizer"),
-        (lambda m: SPD(SPD(torch.optim.SGD(m.parameters(), lr=0.1))), "already wrapped"),
-        (lambda m: SPD(torch.optim.SGD(m.parameters(), lr=0.1), weight_decay=-1), "weight_decay must be"),
-        (lambda m: FTP(torch.optim.SGD(m.parameters(), lr=0.1), "zero"), "anchors must be"),
-        (lambda m: SPD(torch.optim.SGD(m.parameters(), lr=0.1), {"x": torch.zeros(1)}), "matched by name"),
-        (lambda m: SPD(torch.optim.SGD(m.parameters(), lr=0.1), exclude="a.*"), "need parameter names"),
-        (lambda m: SPD(torch.optim.SGD(m.named_parameters(), lr=0.1), exclude="head.*"), "matches no parameter"),
-        (lambda m: SPD(torch.optim.SGD(m.parameters(), lr=0.1), [torch.zeros(1)]), "one tensor"),
-        (
-            lambda m: SPD(torch.optim.SGD(m.parameters(), lr=0.1), [torch.zeros(1)] * len(list(m.parameters()))),
-            "shapes differ",
-        ),
-        (lambda m: SPD(torch.optim.SGD(m.named_parameters(), lr=0.1), {"x": torch.zeros(1)}), "no parameter name"),
+        (lambda m: spd(m), "must be a torch.optim.Optimizer"),
+        (lambda m: spd(spd(sgd(m))), "already wrapped"),
+        (lambda m: spd(sgd(m), weight_decay=-1), "weight_decay must be"),
+        (lambda m: FTP(sgd(m), "zero"), "anchors must be"),
+        (lambda m: spd(sgd(m), {"x": torch.zeros(1)}), "matched by name"),
+        (lambda m: spd(sgd(m), exclude="a.*"), "need parameter names"),
+        (lambda m: spd(sgd(m, named=True), exclude="head.*"), "matches no parameter"),
+        (lambda m: spd(sgd(m), [torch.zeros(1)]), "one tensor"),
+        (lambda m: spd(sgd(m), [torch.zeros(1)] * len(list(m.parameters()))), "shapes differ"),
+        (lambda m: spd(sgd(m, named=True), {"x": torch.zeros(1)}), "no parameter name"),
     ],
 )
 def test_errors(make, match):
@@ -321,10 +326,10 @@ def test_loading_a_plain_state_dict_is_a_clear_error():
     model = TwoBranch()
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(FineregError, match="not saved by SPD"):
-        SPD(torch.optim.SGD(model.parameters(), lr=0.1)).load_state_dict(inner.state_dict())
+        spd(sgd(model)).load_state_dict(inner.state_dict())
     ftp_sd = FTP(torch.optim.SGD(model.parameters(), lr=0.1)).state_dict()
     with pytest.raises(FineregError, match="finereg.FTP"):
-        SPD(torch.optim.SGD(model.parameters(), lr=0.1)).load_state_dict(ftp_sd)
+        spd(sgd(model)).load_state_dict(ftp_sd)
 
 
 def test_wrappers_compose():

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
 from .._checks import FineregError
@@ -46,6 +47,9 @@ from .._utils import close_matches, unwrap
 from ..weight.l2 import _anchor_tensors, canonical_name
 
 __all__ = ["WrappedOptimizer", "Bucket", "tensor_dots"]
+
+# torch.optim's decorator of every step: no grad, with graph breaks around the update under torch.compile
+_use_grad = getattr(_torch_optimizer, "_use_grad_for_differentiable", torch.no_grad())
 
 ZERO = "zero"
 Anchors = None | str | Sequence[Tensor | None] | Mapping[str, Tensor] | nn.Module
@@ -138,7 +142,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer's own set-up (hooks, step profiling) on the inner optimizer's group dicts: the
         # wrapper's hyper-parameters become keys of those dicts, and the list itself is shared.
         self._wrapping = True
-        super().__init__(optimizer.param_groups, dict(hyper))
+        super().__init__(optimizer.param_groups, {**hyper, "differentiable": False})
         self._wrapping = False
         self.param_groups = optimizer.param_groups
         self._excluded: set[int] = set()
@@ -276,29 +280,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _after(self, buckets: list[Bucket], context: Any) -> None:
         raise NotImplementedError
 
+    @_use_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step: the wrapper's work before, ``optimizer.step()``, the wrapper's work after.
 
-        Under ``torch.compile`` the three are traced as one graph (the inner optimizer's undecorated ``step`` is
-        called, with the graph breaks torch.optim itself puts around an update), so that inductor fuses the
-        wrapper's element-wise work into the inner update."""
+        Under ``torch.compile`` the three are traced as one graph: the inner optimizer's undecorated ``step`` is
+        called (its step hooks do not run), inside torch.optim's own no-grad wrapper (its graph breaks make the
+        update an inference graph), so that inductor fuses the wrapper's element-wise work into the inner update.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        compiling = torch.compiler.is_compiling()
-        prev = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        try:
-            buckets = self._buckets()
-            context = self._before(buckets)
-            if compiling:
-                self._raw_inner_step(self.optimizer)
-            else:
-                self.optimizer.step()
-            self._after(buckets, context)
-        finally:
-            torch.set_grad_enabled(prev)
+        buckets = self._buckets()
+        context = self._before(buckets)
+        if torch.compiler.is_compiling():
+            self._raw_inner_step(self.optimizer)
+        else:
+            self.optimizer.step()
+        self._after(buckets, context)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

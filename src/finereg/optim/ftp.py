@@ -97,7 +97,7 @@ class FTP(WrappedOptimizer):
             if b.kind != "tensor":
                 continue
             layout = RowLayout(b.params, self.norm)
-            c = torch._foreach_sub(b.params, b.anchors)
+            c = b.displacement()
             norms = layout.norms(c).add_(EPS)
             gamma = torch.full((len(b.params),), EPS, dtype=norms.dtype, device=norms.device)
             if ctx is not None:

@@ -48,6 +48,7 @@ class SPD(WrappedOptimizer):
         anchors: θ0: ``None`` (the values when wrapped), ``"zero"``, a list per parameter, or a model / state dict
             matched by name (see :mod:`finereg.optim._base`).
         weight_decay: λ, the strength of the projection (group key ``spd_weight_decay``; a group may set its own).
+            Required: the official ``AdamSPD`` defaults to 0 (SPD off) and the paper tunes it per task.
         model: the model being trained, to name the parameters (for name-matched anchors or ``exclude`` patterns
             when the optimizer was not built from ``named_parameters()``).
         exclude: glob patterns or parameters left to the inner optimizer alone.
@@ -63,7 +64,7 @@ class SPD(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         anchors: Anchors = None,
         *,
-        weight_decay: float = 1.0,
+        weight_decay: float,
         model: nn.Module | None = None,
         exclude: Any = (),
     ):
@@ -87,7 +88,7 @@ class SPD(WrappedOptimizer):
                 continue
             selected, before = ctx
             lam = self._hyper(b.group, "spd_weight_decay")
-            d = torch._foreach_mul(b.params, 1.0) if b.kind == "zero" else torch._foreach_sub(b.params, b.anchors)
+            d = b.displacement()
             after = torch.stack(torch._foreach_norm(d))
             ratio = torch.where(after > 0, (after - before) / after, 0.0).clamp(0.0, 1.0)
             coef = ratio.mul_(selected.to(ratio.dtype)).mul_(-lam)
