@@ -107,10 +107,8 @@ def _patterns(value: Any, what: str) -> tuple[list[str], list[Tensor]]:
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
-    """Base of the wrappers (see the module docstring). Subclasses set ``HYPER`` (group key → default) and
+    """Base of the wrappers (see the module docstring). Subclasses pass ``hyper`` (group key → default) and
     implement ``_before(buckets)`` (returns what ``_after`` needs) and ``_after(buckets, context)``."""
-
-    HYPER: dict[str, float] = {}
 
     def __init__(
         self,
@@ -232,7 +230,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                     bad.append(f"{names[i] or f'parameter {i}'}: parameter {tuple(p.shape)} vs anchor {tuple(a.shape)}")
                     continue
                 a = a.detach().to(device=p.device, dtype=p.dtype, copy=True)
-            elif a is not None and a != ZERO:
+            elif not (a is None or (isinstance(a, str) and a == ZERO)):
                 raise FineregError(f"anchors[{i}] must be a tensor or None, got {type(a).__name__}")
             self.state[p]["anchor"] = a
         if bad:
