@@ -48,7 +48,7 @@ class SPD(WrappedOptimizer):
         anchors: θ0: ``None`` (the values when wrapped), ``"zero"``, a list per parameter, or a model / state dict
             matched by name (see :mod:`finereg.optim._base`).
         weight_decay: λ, the strength of the projection (group key ``spd_weight_decay``; a group may set its own).
-            Required: the official ``AdamSPD`` defaults to 0 (SPD off) and the paper tunes it per task.
+            Required: the official ``AdamSPD`` defaults to 0 (SPD off); its README takes λ from the command line.
         model: the model being trained, to name the parameters (for name-matched anchors or ``exclude`` patterns
             when the optimizer was not built from ``named_parameters()``).
         exclude: glob patterns or parameters left to the inner optimizer alone.
