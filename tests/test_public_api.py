@@ -14,6 +14,9 @@ SUBPACKAGES = [
     "finereg.train",
     "finereg.compat.tllib",
     "finereg.compat.keras",
+    # robust fine-tuning (issue 11)
+    "finereg.optim",
+    "finereg.merge",
 ]
 
 

@@ -42,6 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._logreg import fit_logreg as _fit_logreg
+from .._logreg import l2_path
+from .._logreg import stratified_split as _stratified_split
 from .._utils import unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 
@@ -166,47 +169,6 @@ class ReverseFit:
     calibrated_nll: float  # held-out NLL after calibration
 
 
-def _stratified_split(labels: Tensor, n_t: int, fraction: float, generator: torch.Generator) -> Tensor:
-    """Boolean mask of held-out samples: ``round(fraction·n_c)`` per class, at least 1 where a class has two
-    or more samples, never all of a class."""
-    n = len(labels)
-    perm = torch.randperm(n, generator=generator)
-    order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random within class
-    sorted_labels = labels[order]
-    counts = torch.bincount(labels, minlength=n_t)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - starts[sorted_labels]
-    n_hold = torch.clamp(torch.round(counts.double() * fraction).long(), min=1)
-    n_hold = torch.minimum(n_hold, counts - 1)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order] = rank < n_hold[sorted_labels]
-    return mask
-
-
-def _fit_logreg(x: Tensor, y: Tensor, n_t: int, l2: float, init: Tensor | None, max_iter: int) -> Tensor:
-    """argmin_W mean CE(x Wᵀ, y) + (l2/2)‖W‖² by LBFGS (strong Wolfe); a convex problem."""
-    w = (init.clone() if init is not None else x.new_zeros(n_t, x.shape[1])).requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [w],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-    )
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T, y) + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach()
-
-
 def _calibrate_temperature(logits: Tensor, y: Tensor, max_iter: int) -> float:
     """argmin_T NLL(softmax(logits / T), y) over log T by LBFGS."""
     log_t = logits.new_zeros(()).requires_grad_(True)
@@ -280,13 +242,9 @@ def reverse_relationship(
     x_tr, y_tr, x_ho, y_ho = p[~hold], y[~hold], p[hold], y[hold]
 
     # choose λ on the held-out split: a warm-started path from strong to weak regularization
-    nll: dict[float, float] = {}
-    weights: dict[float, Tensor] = {}
-    w = None
-    for l2 in sorted(set(grid), reverse=True):
-        w = _fit_logreg(x_tr, y_tr, n_t, l2, w, max_iter)
-        weights[l2] = w
-        nll[l2] = float(F.cross_entropy(x_ho @ w.T, y_ho))
+    path = l2_path(x_tr, y_tr, x_ho, y_ho, n_t, grid, max_iter)
+    nll = {pt.l2: pt.nll for pt in path}
+    weights = {pt.l2: pt.weight for pt in path}
     best = min(nll, key=lambda k: (nll[k], -k))
     temperature = _calibrate_temperature(x_ho @ weights[best].T, y_ho, max_iter)
     calibrated = float(F.cross_entropy(x_ho @ weights[best].T / temperature, y_ho))
