@@ -93,6 +93,7 @@ def test_frozen_set_changes_between_fits_and_penalty_sees_all_filters():
     model.fit(x, y, epochs=3, batch_size=4, verbose=0)
     k2 = to_np(head.kernel)
     assert np.array_equal(k2[..., [4, 7]], k1[..., [4, 7]]) and np.array_equal(k2[..., 1], k0[..., 1])
+
     # the penalty's gradient reaches the trainable filters through the frozen ones: pure SO pushes them apart
     def max_cos(k):  # the largest |cosine| between a trainable and a frozen filter
         u = k.reshape(-1, 10) / np.linalg.norm(k.reshape(-1, 10), axis=0)

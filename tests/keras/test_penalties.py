@@ -121,7 +121,7 @@ def test_gradients_equal_torch(name):
     grads = torch.autograd.grad(loss, [lay.kernel.value for lay in layers])
     mods = [torch_module(lay) for lay in layers]
     torch_penalty(name, finereg.WeightGroup(mods), 0.7)().backward()
-    for lay, g, m in zip(layers, grads, mods):
+    for g, m in zip(grads, mods):
         keras_layout = torch.from_numpy(to_np(g).astype(np.float64))
         nd = keras_layout.dim() - 2
         np.testing.assert_allclose(
@@ -177,8 +177,11 @@ def test_save_load_round_trip(tmp_path):
     assert share_head.penalty is share_backbone.penalty  # one penalty, shared by its members' shares
     assert isinstance(share_backbone.regularizer, keras.regularizers.L2)  # the layer's own one kept
     penalty = share_head.penalty.bind(loaded)
-    np.testing.assert_allclose(value(penalty()), expected[0] + expected[1] - 0.1 * value(
-        ops.sum(ops.square(loaded.get_layer("backbone").kernel))), rtol=1e-5)
+    np.testing.assert_allclose(
+        value(penalty()),
+        expected[0] + expected[1] - 0.1 * value(ops.sum(ops.square(loaded.get_layer("backbone").kernel))),
+        rtol=1e-5,
+    )
 
 
 def test_member_that_is_not_trainable(tmp_path):
@@ -189,7 +192,7 @@ def test_member_that_is_not_trainable(tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     with pytest.raises(FineregError, match="finereg.keras.bind"):
-        loaded.losses
+        _ = loaded.losses
     (again,) = fk.bind(loaded)
     np.testing.assert_allclose(sum(value(v) for v in loaded.losses), value(again()), rtol=1e-6)
     np.testing.assert_allclose(value(again()), value(penalty()), rtol=1e-6)

@@ -16,6 +16,16 @@ Keras). Install with ``pip install "finereg[keras]"`` and choose the backend as 
 Everything is registered for Keras serialization (``finereg>Name``) and saved in ``.keras`` files.
 """
 
+try:
+    import keras  # noqa: F401
+except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
+    if e.name == "tensorflow":
+        raise ImportError(
+            "finereg.keras: Keras's backend is TensorFlow (its default when KERAS_BACKEND is unset) and TensorFlow "
+            "is not installed; set KERAS_BACKEND=torch (or jax) before importing keras"
+        ) from e
+    raise ImportError("finereg.keras needs Keras 3: pip install 'finereg[keras]'") from e
+
 from .freeze import FrozenEntries, freeze, frozen_mask, unfreeze
 from .groups import WeightGroup
 from .orthogonal import (

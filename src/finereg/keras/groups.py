@@ -98,7 +98,8 @@ class WeightGroup:
             items = [items]
         if not isinstance(items, Sequence):
             raise FineregError(
-                f"layers_or_patterns must be a layer, a name / glob pattern, or a list of them; got {type(items).__name__}"
+                "layers_or_patterns must be a layer, a name / glob pattern, or a list of them; "
+                f"got {type(items).__name__}"
             )
         paths = {id(lay): p for p, lay in named_layers(model)} if model is not None else {}
         out: list[GroupMember] = []
@@ -149,7 +150,8 @@ class WeightGroup:
             listing = ", ".join(f"{n}: {u}×{f}" for n, (f, u) in sizes.items())
             raise FineregError(
                 f"cannot join along axis={self.axis}: the members' matrices (units × fan-in) have different {what} "
-                f"({listing}). Use axis={1 - self.axis}, axis=None (a penalty on each matrix, summed), or separate groups"
+                f"({listing}). Use axis={1 - self.axis}, axis=None (a penalty on each matrix, summed), "
+                "or separate groups"
             )
 
     # -- binding ------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ the values equal those of finereg's torch penalties on the same weights:
 
 Every class takes ``(group=None, factor=0.01)`` (``CallablePenalty``: ``factor=1``) and is a Keras
 ``Regularizer`` (``get_config``, registered as ``finereg>Name``). Internally a matrix is handled as Wᵀ
-(fan-in × units, the Keras kernel layout), batched as (B, m, n).
+(fan-in × units, the Keras kernel layout); every value is a function of one Gram matrix per matrix (one
+matmul each), the Grams of one shape evaluated as a batch.
 """
 
 from __future__ import annotations
@@ -45,37 +46,36 @@ __all__ = [
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): the norm floor of keras.ops.normalize
 
 
-def _normalized(k, axis: int):
-    """k / max(‖k‖, 1e-7) along ``axis`` — Keras's ``x · min(rsqrt(Σx²), 1/eps)``, finite gradient at 0."""
-    ss = ops.sum(ops.square(k), axis=axis, keepdims=True)
-    return k * ops.rsqrt(ops.maximum(ss, KERAS_EPSILON * KERAS_EPSILON))
+def _eye(g):
+    return ops.eye(g.shape[-1], dtype=g.dtype)
 
 
-def _cosines(k, mode: str):
-    """Cosine matrices of the units (mode "rows") or of the fan-in vectors (mode "columns"); k is (B, m, n)."""
-    if mode == "rows":
-        u = _normalized(k, -2)
-        return ops.matmul(ops.transpose(u, (0, 2, 1)), u)
-    u = _normalized(k, -1)
-    return ops.matmul(u, ops.transpose(u, (0, 2, 1)))
+def _cosine_matrix(k, axis: int):
+    """Cosines between the vectors of k (m, n) along ``axis`` (0: its n columns, 1: its m rows).
 
-
-def _gram_small(k):
-    """The Gram on the smaller side of each (B, m, n) matrix W = kᵀ: W Wᵀ = kᵀk if n ≤ m, else Wᵀ W = k kᵀ."""
-    m, n = k.shape[-2], k.shape[-1]
-    kt = ops.transpose(k, (0, 2, 1))
-    return ops.matmul(kt, k) if n <= m else ops.matmul(k, kt)
-
-
-def _off_diagonal(p):
-    k = p.shape[-1]
-    return p * (1.0 - ops.eye(k, dtype=p.dtype))
+    Keras normalizes first, ŵ = w · min(rsqrt(Σw²), 1/eps) = w / max(‖w‖, eps), then takes the Gram. When the
+    vectors are long (length ≥ 2× their number) the Gram is taken first and normalized after, P = D G D with
+    D = diag(1 / max(√G_ii, eps)): the same numbers without the elementwise passes over the kernel.
+    """
+    m, n = k.shape
+    count, length = (n, m) if axis == 0 else (m, n)
+    kt = ops.transpose(k)
+    if length >= 2 * count:
+        g = ops.matmul(kt, k) if axis == 0 else ops.matmul(k, kt)
+        d = ops.rsqrt(ops.maximum(ops.diagonal(g), KERAS_EPSILON * KERAS_EPSILON))
+        return g * ops.expand_dims(d, 1) * ops.expand_dims(d, 0)
+    u = k * ops.rsqrt(ops.maximum(ops.sum(ops.square(k), axis=axis, keepdims=True), KERAS_EPSILON * KERAS_EPSILON))
+    return ops.matmul(ops.transpose(u), u) if axis == 0 else ops.matmul(u, ops.transpose(u))
 
 
 class _WithMode(GroupPenalty):
     def __init__(self, group=None, factor: float = 0.01, mode: str = "rows", uid: str | None = None):
         super().__init__(group, factor, uid)
         self.mode = check_choice(mode, "mode", ("rows", "columns"))
+
+    def gram(self, k):
+        """The cosine matrix of the units (mode "rows": k's columns) or of the fan-in vectors (k's rows)."""
+        return _cosine_matrix(k, 0 if self.mode == "rows" else 1)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "mode": self.mode}
@@ -88,45 +88,38 @@ class Orthogonality(_WithMode):
     ``mode="rows"`` (default): the output units; ``"columns"``: the fan-in vectors (see the module docstring).
     """
 
-    def batch_value(self, k):
-        p = _cosines(k, self.mode)
+    def from_gram(self, p, fan_in, units):
         size = p.shape[-1]
         if size < 2:  # no pairs: 0 (Keras divides 0 by 0)
             return ops.sum(p, axis=(-2, -1)) * 0.0
-        return 0.5 * ops.sum(ops.abs(_off_diagonal(p)), axis=(-2, -1)) / (size * (size - 1.0) / 2.0)
+        off = ops.sum(ops.abs(p), axis=(-2, -1)) - ops.sum(ops.abs(ops.diagonal(p, axis1=-2, axis2=-1)), axis=-1)
+        return 0.5 * off / (size * (size - 1.0) / 2.0)
 
 
 @keras.saving.register_keras_serializable(package="finereg")
 class MutualCoherence(_WithMode):
     """Mutual coherence: the largest |cosine| between two distinct rows (``mode="rows"``) or columns."""
 
-    def batch_value(self, k):
-        p = _cosines(k, self.mode)
+    def from_gram(self, p, fan_in, units):
         if p.shape[-1] < 2:
             return ops.sum(p, axis=(-2, -1)) * 0.0
-        return ops.max(ops.abs(_off_diagonal(p)), axis=(-2, -1))
+        return ops.max(ops.abs(p * (1.0 - _eye(p))), axis=(-2, -1))
 
 
 @keras.saving.register_keras_serializable(package="finereg")
 class SoftOrthogonality(GroupPenalty):
     """Soft orthogonality ‖W Wᵀ − I‖²_F (Bansal et al. 2018), on the smaller side of W."""
 
-    def batch_value(self, k):
-        m, n = k.shape[-2], k.shape[-1]
-        g = _gram_small(k)
-        d = g - ops.eye(g.shape[-1], dtype=g.dtype)
-        return ops.sum(ops.square(d), axis=(-2, -1)) + float(max(n - m, 0))
+    def from_gram(self, g, fan_in, units):
+        return ops.sum(ops.square(g - _eye(g)), axis=(-2, -1)) + float(max(units - fan_in, 0))
 
 
 @keras.saving.register_keras_serializable(package="finereg")
 class DoubleSoftOrthogonality(GroupPenalty):
     """Double soft orthogonality ‖W Wᵀ − I‖²_F + ‖Wᵀ W − I‖²_F (Bansal et al. 2018)."""
 
-    def batch_value(self, k):
-        m, n = k.shape[-2], k.shape[-1]
-        g = _gram_small(k)
-        d = g - ops.eye(g.shape[-1], dtype=g.dtype)
-        return 2.0 * ops.sum(ops.square(d), axis=(-2, -1)) + float(abs(n - m))
+    def from_gram(self, g, fan_in, units):
+        return 2.0 * ops.sum(ops.square(g - _eye(g)), axis=(-2, -1)) + float(abs(units - fan_in))
 
 
 @keras.saving.register_keras_serializable(package="finereg")
@@ -138,9 +131,8 @@ class SRIP(GroupPenalty):
         super().__init__(group, factor, uid)
         self.squared = check_bool(squared, "squared")
 
-    def batch_value(self, k):
-        g = _gram_small(k)
-        sigma = ops.norm(g - ops.eye(g.shape[-1], dtype=g.dtype), ord=2, axis=(-2, -1))
+    def from_gram(self, g, fan_in, units):
+        sigma = ops.norm(g - _eye(g), ord=2, axis=(-2, -1))
         return ops.square(sigma) if self.squared else sigma
 
     def get_config(self) -> dict[str, Any]:

@@ -17,10 +17,11 @@ hold the group's value once, computed from exactly the values the training step 
 
 Saving. The shares are the layers' ``kernel_regularizer`` (``depthwise_regularizer`` ...), so they are in the
 layers' configs, each with the penalty's config (its members' names and a ``uid``); within one
-``load_model`` the configs of one ``uid`` give one penalty object again. A loaded penalty binds each member when Keras first passes it the variable.
-Keras evaluates regularizers of *trainable* weights only, so a member that is not trainable cannot be found
-that way: :func:`bind` (``finereg.keras.bind(model)``) binds every penalty of a model by name — needed after
-``load_model`` only when a member layer has ``trainable=False``, and after ``keras.models.clone_model``.
+``load_model`` the configs of one ``uid`` give one penalty object again. It binds each member when Keras
+passes it the member's variable (or collects the values of a pass, as above). Keras evaluates regularizers
+of *trainable* weights only, so a member that is not trainable cannot be found that way: :func:`bind`
+(``finereg.keras.bind(model)``) binds every penalty of a model by name — needed after ``load_model`` only
+when a member layer has ``trainable=False``, and after ``keras.models.clone_model``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def _loading_objects() -> dict | None:
     except ImportError:  # pragma: no cover
         return None
 
+
 __all__ = ["GroupPenalty", "PenaltyShare", "bind"]
 
 
@@ -78,8 +80,9 @@ class _Pass:
 class GroupPenalty(keras.regularizers.Regularizer):
     """Base class: ``factor · Σ value(M)`` over the matrices M of a weight group (rows = output units).
 
-    Subclasses implement :meth:`batch_value`, mapping a batch of matrices given as (B, fan-in, units) — the
-    transposes of the unit-row matrices, Keras's kernel layout — to their values (B,).
+    Matrices are handled as (fan-in, units) — the transposes of the unit-row matrices, Keras's kernel layout.
+    Subclasses implement :meth:`from_gram` (and :meth:`gram` if not the smaller-side Gram): every built-in
+    penalty is a function of a Gram matrix, so the kernels are read by one matmul each and nothing else.
     """
 
     def __init__(self, group=None, factor: float = 0.01, uid: str | None = None):
@@ -91,19 +94,31 @@ class GroupPenalty(keras.regularizers.Regularizer):
         self._needs_bind: list[str] = []
 
     # -- to implement -------------------------------------------------------------------------------------
-    def batch_value(self, k):  # pragma: no cover - abstract
+    def gram(self, k):
+        """The Gram matrix the value is read from, for one (fan-in, units) matrix k: by default the one on the
+        smaller side (kᵀk, units × units, if units ≤ fan-in, else k kᵀ)."""
+        m, n = k.shape
+        return ops.matmul(ops.transpose(k), k) if n <= m else ops.matmul(k, ops.transpose(k))
+
+    def from_gram(self, g, fan_in: int, units: int):  # pragma: no cover - abstract
+        """Values (B,) from a batch (B, s, s) of Grams of matrices of ``units`` rows and ``fan_in`` columns."""
         raise NotImplementedError
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def value(self, column_matrices: list):
-        """Σ value(M) (no factor) over (fan-in, units) matrices; matrices of one shape go in one batch."""
+        """Σ value(M) (no factor) over (fan-in, units) matrices.
+
+        One matmul per matrix (its Gram; stacking the kernels into one batched matmul would first copy them
+        all), then the Grams of equal shape are stacked and evaluated together: the rest is on s × s Grams.
+        """
         buckets: dict[tuple, list] = {}
-        for m in column_matrices:
-            buckets.setdefault(tuple(m.shape), []).append(m)
+        for k in column_matrices:
+            m, n = k.shape
+            buckets.setdefault((m, n), []).append(self.gram(k))
         total = None
-        for mats in buckets.values():
-            batch = ops.stack(mats) if len(mats) > 1 else ops.expand_dims(mats[0], 0)
-            v = ops.sum(self.batch_value(batch))
+        for (m, n), grams in buckets.items():
+            batch = ops.stack(grams) if len(grams) > 1 else ops.expand_dims(grams[0], 0)
+            v = ops.sum(self.from_gram(batch, m, n))
             total = v if total is None else total + v
         return total
 
@@ -184,7 +199,9 @@ class GroupPenalty(keras.regularizers.Regularizer):
         m = members[index]
         if m.variable is None and isinstance(v, keras.Variable):
             m.variable = v  # a loaded penalty binds each member as Keras passes its variable
-        waiting = [j for j, mm in enumerate(members) if j not in p.values and (mm.variable is None or mm.variable.trainable)]
+        waiting = [
+            j for j, mm in enumerate(members) if j not in p.values and (mm.variable is None or mm.variable.trainable)
+        ]
         if waiting:
             return ops.zeros((), dtype=v.dtype)
         self._pass = None

@@ -52,17 +52,19 @@ def _clone(model, convert, fill):
     converted: set[int] = set()
 
     def clone(layer):
+        if isinstance(layer, keras.Model):  # a nested model: cloned the same way (clone_model(recursive=True)
+            return keras.models.clone_model(layer, clone_function=clone)  # fails on some nestings)
         new = convert(layer)
         if new is None:
             return layer.__class__.from_config(layer.get_config())
         converted.add(id(new))
         return new
 
-    new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    new_model = keras.models.clone_model(model, clone_function=clone)
     old = dict(named_layers(model))
     for path, new in named_layers(new_model):
-        if isinstance(getattr(new, "layers", None), list):
-            continue  # a nested model: its layers are visited one by one
+        if isinstance(getattr(new, "layers", None), list) or not new.weights:
+            continue  # a nested model (its layers are visited one by one), an input or a weightless layer
         if id(new) in converted:
             fill(old[path], new)
         else:

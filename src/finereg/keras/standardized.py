@@ -42,6 +42,7 @@ def standardize_kernel(kernel, variant: str = "ws", eps: float | None = None, ga
     """Ŵ of a Keras kernel (units on the last axis), per unit over all other axes (see the module docstring)."""
     check_choice(variant, "variant", tuple(VARIANTS))
     eps = VARIANTS[variant] if eps is None else eps
+    kernel = ops.convert_to_tensor(kernel)
     dtype = keras.backend.standardize_dtype(kernel.dtype)
     x = ops.cast(kernel, "float32") if dtype in ("float16", "bfloat16") else kernel
     axes = tuple(range(len(x.shape) - 1))
@@ -83,6 +84,14 @@ class _Standardized:
     @property
     def kernel(self):
         return standardize_kernel(super().kernel, self.variant, self.eps, self.gain, self.gamma)
+
+    # Conv/Dense save ``self.kernel`` (the effective kernel, for LoRA) and only kernel and bias: here that would
+    # write Ŵ in place of the trained kernel and lose the gain. Save every variable as a plain Layer does.
+    def save_own_variables(self, store):
+        keras.layers.Layer.save_own_variables(self, store)
+
+    def load_own_variables(self, store):
+        keras.layers.Layer.load_own_variables(self, store)
 
     def _ws_config(self) -> dict[str, Any]:
         return {"variant": self.variant, "eps": self.eps, "gamma": self.gamma, "gain_init": self.gain_init}
