@@ -33,14 +33,17 @@ from keras import ops  # noqa: E402
 import finereg.keras as fk  # noqa: E402
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    times = []
+def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best and median seconds of each function, run round-robin (a busy machine slows all of them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: (min(ts), statistics.median(ts)) for name, ts in times.items()}
 
 
 def main() -> int:
@@ -96,7 +99,7 @@ def main() -> int:
         ("finereg Orthogonality group", ours),
         ("floor: Gram matmuls + backward", floor_total),
     ]
-    results = {name: timed(lambda fn=fn: run(fn), args.repeats) for name, fn in rows}
+    results = timed({name: (lambda fn=fn: run(fn)) for name, fn in rows}, args.repeats)
     base = results[rows[0][0]][0]
     print(f"{'value + gradients':40s} {'best ms':>9s} {'median ms':>10s} {'vs keras':>9s}")
     for name, (best, med) in results.items():

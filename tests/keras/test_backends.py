@@ -42,3 +42,14 @@ def test_keras_front_on_backend(backend, module):
     assert out.returncode == 0, f"the Keras front failed on the {backend} backend:\n{tail}"
     passed = re.search(r"(\d+) passed", out.stdout)
     assert passed and int(passed.group(1)) >= 40 and " failed" not in out.stdout, tail
+
+
+def test_public_names_resolve():
+    import finereg.keras as fk
+
+    missing = [n for n in fk.__all__ if not hasattr(fk, n)]
+    assert not missing and len(set(fk.__all__)) == len(fk.__all__), missing
+    for name in ("WeightGroup", "Orthogonality", "SoftOrthogonality", "DoubleSoftOrthogonality", "MutualCoherence"):
+        assert name in fk.__all__
+    for name in ("SRIP", "freeze", "unfreeze", "StandardizedConv2D", "StandardizedDense", "standardize", "bake"):
+        assert name in fk.__all__

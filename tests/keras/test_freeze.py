@@ -169,6 +169,12 @@ def test_errors_and_compiled_step_warning():
         fk.unfreeze(dense, "kernel")
     with pytest.raises(KeyError, match="kernel"):
         fk.freeze(dense, "kernal", [0])
+    inp = keras.Input((3,))
+    model = keras.Model(inp, dense(inp))
+    model.compile(keras.optimizers.Adam(use_ema=True), "mse")
+    with pytest.raises(FineregError, match="use_ema"):  # averaged weights are written back unconstrained
+        fk.freeze(dense, "kernel", [0], model=model)
+    assert fk.frozen_mask(dense) is None  # refused before anything changed
     fk.freeze(dense, "kernel", [0])
     dense.kernel.constraint(dense.kernel)
     with warnings.catch_warnings(record=True) as caught:

@@ -13,7 +13,9 @@ step. The trainable entries get exactly the update they would get without freezi
 their gradient is computed with the frozen entries at their frozen values, as in torch's ``finereg.freeze``.
 Unlike torch's version, the frozen entries' gradient is not zeroed (a constraint cannot), which matters only
 to what mixes entries of a gradient: ``clipnorm`` / ``global_clipnorm`` count them, and factored or
-matrix optimizers (Adafactor, Muon, LAMB) use them in their statistics.
+matrix optimizers (Adafactor, Muon, LAMB) use them in their statistics. ``use_ema=True`` is not exact: at
+the end of ``fit`` Keras overwrites the weights with their moving averages without applying constraints
+(``freeze(..., model=)`` refuses such a model).
 
 The penalty of a group still sees every entry, frozen ones included (they are part of the variable).
 
@@ -140,10 +142,20 @@ def _make_mask(layer, name: str, shape: tuple[int, ...], frozen) -> np.ndarray:
     return units_mask(shape, unit_kind(layer, name, shape), arr)
 
 
+def _check_model(model) -> None:
+    if model is None:
+        return
+    if not isinstance(model, keras.Model):
+        raise FineregError(f"model must be a Keras model, got {type(model).__name__}")
+    if getattr(getattr(model, "optimizer", None), "use_ema", False):
+        raise FineregError(
+            "the model's optimizer has use_ema=True: at the end of fit Keras writes the averaged weights back "
+            "without applying constraints, so frozen entries would change; compile with use_ema=False"
+        )
+
+
 def _forget_compiled_step(model, constraint: FrozenEntries | None, what: str) -> None:
     if model is not None:
-        if not isinstance(model, keras.Model):
-            raise FineregError(f"model must be a Keras model, got {type(model).__name__}")
         model.train_function = None  # rebuilt (and recompiled) at the next fit
     elif constraint is not None and constraint._used_compiled:
         warnings.warn(
@@ -165,6 +177,7 @@ def freeze(layer, name: str = "kernel", frozen=(), *, model=None):
 
     Freezing again adds to the frozen set (newly frozen entries keep their current values). Returns the layer.
     """
+    _check_model(model)
     var = weight_variable(layer, name)
     shape = tuple(int(s) for s in var.shape)
     mask = _make_mask(layer, name, shape, frozen)
@@ -185,6 +198,7 @@ def freeze(layer, name: str = "kernel", frozen=(), *, model=None):
 
 def unfreeze(layer, name: str = "kernel", *, model=None):
     """Remove the freezing of ``layer``'s weight ``name`` (its previous constraint, if any, is restored)."""
+    _check_model(model)
     var = weight_variable(layer, name)
     c = var.constraint
     if not isinstance(c, FrozenEntries):
