@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="once is enough (from the main test process)")
 def test_import_finereg_does_not_import_keras():
     code = "import sys, finereg; bad = {'keras', 'jax', 'tensorflow'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
