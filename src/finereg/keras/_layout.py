@@ -186,7 +186,10 @@ def config_attribute(layer, param: str, what: str) -> str | None:
     names = [f"{param}_{what}", f"{stem}_{what}"]
     if param == "kernel":
         names.append(f"depthwise_{what}")
-    config = layer.get_config()
+    try:
+        config = layer.get_config()
+    except NotImplementedError:  # a custom layer without a config: the attachment is not saved with it
+        return None
     for n in names:
         if n in config and hasattr(layer, n):
             return n
