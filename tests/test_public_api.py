@@ -14,6 +14,7 @@ SUBPACKAGES = [
     "finereg.train",
     "finereg.compat.tllib",
     "finereg.compat.keras",
+    "finereg.models",
 ]
 
 
