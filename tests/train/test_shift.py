@@ -22,13 +22,13 @@ def test_deterministic_and_seeded(split):
     # image i's shift depends on its position only: a prefix of the set is shifted the same way
     p, q = shift_parameters(64), shift_parameters(200)
     assert all(torch.equal(p[k], q[k][:64]) for k in ("angle", "scale", "thicken"))
-    assert bool((p["angle"].abs() >= 15).all() and (p["angle"].abs() <= 35).all())
+    assert bool((p["angle"].abs() >= 10).all() and (p["angle"].abs() <= 25).all())
     assert 10 < int(p["thicken"].sum()) < 54  # about half thickened, half blurred
 
 
 def test_really_shifted(split):
     """A linear classifier trained on the clean pool (pixels at 32 px) loses accuracy on the shifted test set;
-    measured: mnist5k 0.90 → 0.56, digits 0.95 → 0.45 (RidgeClassifier)."""
+    measured: mnist5k 0.86 → 0.58, digits 0.94 → 0.63 (RidgeClassifier)."""
     from sklearn.linear_model import RidgeClassifier
 
     d = split.data
@@ -38,6 +38,6 @@ def test_really_shifted(split):
     clf = RidgeClassifier(alpha=10.0).fit(train, d.labels[split.pool].numpy())
     y = d.labels[split.test].numpy()
     acc_clean, acc_shift = clf.score(clean, y), clf.score(moved, y)
-    assert acc_clean > 0.85, acc_clean
+    assert acc_clean > 0.8, acc_clean
     assert acc_shift < acc_clean - 0.2, (acc_clean, acc_shift)
     assert acc_shift > 0.2, acc_shift  # still the same classes, far from chance (0.1)
