@@ -114,3 +114,18 @@ def test_other_variant_is_refused(lite0_target):
         convert_efficientnet_state(
             packaged_state("efficientnet_lite1"), lite0_target, PACKAGED["efficientnet_lite1"].stage_depths
         )
+
+
+def test_pytorch_padding_is_another_function():
+    """Why the TF settings are the default: timm's efficientnet_lite0 with its PyTorch padding and BatchNorm ε 1e-5
+    computes something else with these weights (docs/models.md)."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    ref = ref_pkg.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(weights_path("efficientnet_lite0"))
+    )
+    plain = create_model("efficientnet_lite0", pretrained=True, pad_type="", bn_eps=1e-5).eval()
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        diff = (plain(x) - ref.eval()(x)).abs().max()
+    assert diff > 1.0, float(diff)
