@@ -17,6 +17,7 @@ SUBPACKAGES = [
     # robust fine-tuning (issue 11)
     "finereg.optim",
     "finereg.merge",
+    "finereg.models",
 ]
 
 
