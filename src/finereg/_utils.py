@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -20,7 +19,6 @@ __all__ = [
     "close_matches",
     "unknown_name_error",
     "get_submodule",
-    "match_names",
     "atomic_write",
     "name_list",
 ]
@@ -61,12 +59,14 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
     return found
 
 
-def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> UnknownNameError:
+def unknown_name_error(
+    kind: str, name: str, candidates: Iterable[str], hint: str = "", *, what: str | None = None
+) -> UnknownNameError:
     """An :class:`UnknownNameError` (a ``KeyError``) for an unknown ``name``, listing close matches among
-    ``candidates``."""
+    ``candidates``. The message starts with ``what`` (default ``"no <kind> named <name>"``)."""
     candidates = list(candidates)
     near = close_matches(name, candidates)
-    msg = f"no {kind} named {name!r}"
+    msg = what or f"no {kind} named {name!r}"
     if near:
         msg += f"; did you mean one of: {', '.join(map(repr, near))}?"
     else:
@@ -92,15 +92,6 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
             (n for n, _ in model.named_modules() if n),
             hint="(names are those of model.named_modules())",
         ) from None
-
-
-def match_names(names: Sequence[str], patterns: str | Sequence[str] | None) -> list[str]:
-    """The names (in their order) matching any glob pattern (``fnmatch``: ``layer3.*.conv2``, ``*.bias``)."""
-    if patterns is None:
-        return list(names)
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, replace: bool = True) -> Path:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._select import select_modules
 from .._utils import unwrap
-from .standardize import ConversionReport, select_modules
+from .standardize import ConversionReport
 
 __all__ = ["batchnorm_to_groupnorm"]
 

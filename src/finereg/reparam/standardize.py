@@ -42,16 +42,16 @@ output channel.
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._utils import strip_prefixes, unknown_name_error, unwrap
+from .._select import select_modules
+from .._utils import unwrap
 
 __all__ = ["WeightStandardization", "ConversionReport", "standardize", "bake", "VARIANTS"]
 
@@ -333,56 +333,6 @@ class ConversionReport:
             lines.append("skipped:")
             lines += [f"  {(n or '(root)'):<{width}}  {r}" for n, r in self.skipped]
         return "\n".join(lines)
-
-
-def _patterns(arg, label: str) -> list[str] | None:
-    if arg is None:
-        return None
-    if isinstance(arg, str):
-        arg = [arg]
-    if not isinstance(arg, (list, tuple)) or not all(isinstance(p, str) for p in arg):
-        raise TypeError(
-            f"{label} must be a glob pattern or a list of glob patterns over module names "
-            f"(e.g. 'layer1.*' or ['conv1', '*.downsample.0']), got {arg!r}"
-        )
-    return [strip_prefixes(p) for p in arg]
-
-
-def select_modules(
-    model: nn.Module, is_candidate: Callable[[nn.Module], bool], include, exclude, kind: str, hint: str = ""
-) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` of ``model`` that are candidates and match ``include`` and not ``exclude``.
-
-    Every pattern must match at least one module name (a typo would silently change nothing); an
-    ``include`` pattern must match at least one candidate. Errors list close matches.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    named = list(unwrap(model).named_modules())
-    names = [n for n, _ in named]
-    cand = [(n, m) for n, m in named if is_candidate(m)]
-    for label, pats in (("include", inc), ("exclude", exc)):
-        for p in pats or []:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
-            if not hits:
-                raise unknown_name_error(
-                    "module",
-                    p,
-                    [n for n in names if n],
-                    hint=f"({label} patterns are globs over model.named_modules() names)",
-                )
-            if label == "include" and not any(fnmatch.fnmatchcase(n, p) for n, _ in cand):
-                shown = ", ".join(f"{h!r} ({type(dict(named)[h]).__name__})" for h in hits[:5])
-                raise ValueError(f"include pattern {p!r} matches {shown} but no {kind}{hint}")
-    out = []
-    for n, m in cand:
-        if inc is not None and not any(fnmatch.fnmatchcase(n, p) for p in inc):
-            continue
-        if exc is not None and any(fnmatch.fnmatchcase(n, p) for p in exc):
-            continue
-        out.append((n, m))
-    return out
 
 
 def _ws_index(module: nn.Module, name: str = "weight") -> int | None:

@@ -366,7 +366,8 @@ class DeltaRecipe(Recipe):
     head_l2 = 0.01
 
     def _layers(self, ctx: Context) -> list[str]:
-        from .._utils import match_names, unknown_name_error
+        from .._select import match_names
+        from .._utils import unknown_name_error
         from .models import default_feature_layers
 
         wanted = _as_list(self.hp["layers"])

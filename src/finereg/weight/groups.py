@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._utils import get_submodule, match_names, strip_prefixes, unknown_name_error, unwrap
+from .._select import select_names
+from .._utils import get_submodule, strip_prefixes, unknown_name_error, unwrap
 
 __all__ = ["WeightGroup", "matrix_view", "matrix_to_weight", "weight_matrix", "GroupMember"]
 
@@ -203,14 +204,13 @@ class WeightGroup:
             for n, m in named.items()
             if isinstance(getattr(m, self.param, None), Tensor) and getattr(m, self.param).dim() >= 2
         ]
-        hits = match_names(usable, pattern)
-        if not hits:
-            raise unknown_name_error(
-                f"module with a ≥2-D {self.param!r}",
-                pattern,
-                usable,
-                hint="(no match for this pattern; patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')",
-            )
+        hits = select_names(
+            usable,
+            pattern,
+            "member",
+            f"module with a ≥2-D {self.param!r}",
+            hint="(patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')",
+        )
         return [(n, named[n]) for n in hits]
 
     def _check_joinable(self) -> None:

@@ -45,11 +45,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._utils import close_matches, match_names, strip_prefixes, unwrap
+from .._select import Patterns, select_names
+from .._utils import close_matches, strip_prefixes, unwrap
 
 __all__ = ["L2", "L2SP", "canonical_name"]
 
-Patterns = str | Sequence[str] | None
 Anchor = nn.Module | Mapping[str, Tensor] | None
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -89,31 +89,12 @@ def _anchor_tensors(anchor: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
     )
 
 
-def _select(names: list[str], patterns: Patterns, what: str) -> list[str]:
-    """Names matching ``patterns``; a pattern matching nothing is an error listing close names."""
-    if patterns is None:
-        return []
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    for p in pats:
-        if not isinstance(p, str):
-            raise TypeError(f"{what} patterns must be strings (globs like 'layer4.*' or '*.bias'), got {p!r}")
-        if not match_names(names, p):
-            near = close_matches(p, names)
-            hint = (
-                f"did you mean one of: {', '.join(map(repr, near))}?"
-                if near
-                else f"parameter names look like: {', '.join(map(repr, names[:6]))}{' ...' if len(names) > 6 else ''}"
-            )
-            raise KeyError(f"{what} pattern {p!r} matches no parameter of the model; {hint}")
-    return match_names(names, pats)
-
-
 def _chosen(names: list[str], include: Patterns, exclude: Patterns) -> list[str]:
     """The parameter names kept by the ``include`` / ``exclude`` glob patterns, in model order."""
     if not names:
         raise ValueError("the model has no parameters to regularize")
-    chosen = _select(names, include, "include") if include is not None else names
-    dropped = set(_select(names, exclude, "exclude"))
+    chosen = select_names(names, include, "include", "parameter") if include is not None else names
+    dropped = set(select_names(names, exclude, "exclude", "parameter"))
     chosen = [n for n in chosen if n not in dropped]
     if not chosen:
         raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
@@ -362,7 +343,7 @@ class L2SP(_WeightPenalty):
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)
-        new = set(_select(names, new_params, "new_params"))
+        new = set(select_names(names, new_params, "new_params", "parameter"))
 
         anchors = (
             {n: p for n, p in params.items()}
