@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ._checks import UnknownNameError
 
@@ -21,6 +22,7 @@ __all__ = [
     "get_submodule",
     "atomic_write",
     "name_list",
+    "class_ranks",
 ]
 
 # Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
@@ -132,3 +134,26 @@ def name_list(names: str | Iterable[str], what: str, example: str) -> list[str]:
     if dupes:
         raise ValueError(f"{what} given more than once: {dupes}")
     return names
+
+
+def class_ranks(labels: Tensor, num_classes: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+    """Each sample's rank among the samples of its class (0 = first), as an int64 tensor like ``labels``.
+
+    Without ``generator`` the order is the samples' order in ``labels``; with one, a random order drawn from it
+    (``randperm`` on the generator's device): samples of rank < k_c then form a random subset of k_c samples of
+    class c, nested for growing k_c. One stable sort, no loop over classes.
+    """
+    labels = torch.as_tensor(labels).long()
+    n = labels.numel()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if n else 0
+    if generator is None:
+        order = torch.sort(labels, stable=True).indices
+    else:
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(labels.device)
+        order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random within a class
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(labels)
+    ranks[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
+    return ranks

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._utils import atomic_write, unwrap
 
-__all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "atomic_torch_save", "cached"]
+__all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "cached"]
 
 
 def _update_tensor(h: hashlib._Hash, t: Tensor) -> None:
@@ -83,11 +83,6 @@ def make_key(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX and Windows)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def cached(cache_dir: str | os.PathLike | None, stem: str, key: str, compute: Callable[[], dict]) -> dict:
     """``compute()`` (a dict of tensors / plain values), or its stored copy ``<cache_dir>/<stem>-<key>.pt``."""
     if cache_dir is None:
@@ -96,5 +91,5 @@ def cached(cache_dir: str | os.PathLike | None, stem: str, key: str, compute: Ca
     if path.is_file():
         return torch.load(path, weights_only=True)
     out = compute()
-    atomic_torch_save(out, path)
+    atomic_write(path, lambda f: torch.save(out, f))
     return out

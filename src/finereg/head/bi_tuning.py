@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import unwrap
+from .._utils import class_ranks, unwrap
 
 __all__ = ["BiTuningClassifier", "BiTuning", "bi_tuning_loss"]
 
@@ -256,10 +256,7 @@ class BiTuning(nn.Module):
         if n == 0:
             return
         counts = torch.bincount(labels, minlength=self.num_classes)
-        sorted_labels, order = torch.sort(labels, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(labels)
-        rank[order] = torch.arange(n, device=labels.device) - starts[sorted_labels]
+        rank = class_ranks(labels, self.num_classes)
         keep = rank >= counts[labels] - self.K
         c, slot = labels[keep], (self.queue_ptr[labels[keep]] + rank[keep]) % self.K
         self.queue_h[:, c, slot] = h[keep].T.to(self.queue_h.dtype)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import unwrap
+from .._utils import class_ranks, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 
 __all__ = [
@@ -168,19 +168,12 @@ class ReverseFit:
 
 def _stratified_split(labels: Tensor, n_t: int, fraction: float, generator: torch.Generator) -> Tensor:
     """Boolean mask of held-out samples: ``round(fraction·n_c)`` per class, at least 1 where a class has two
-    or more samples, never all of a class."""
-    n = len(labels)
-    perm = torch.randperm(n, generator=generator)
-    order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random within class
-    sorted_labels = labels[order]
+    or more samples, never all of a class (the first of a random order of each class)."""
+    rank = class_ranks(labels, n_t, generator=generator)
     counts = torch.bincount(labels, minlength=n_t)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - starts[sorted_labels]
     n_hold = torch.clamp(torch.round(counts.double() * fraction).long(), min=1)
     n_hold = torch.minimum(n_hold, counts - 1)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order] = rank < n_hold[sorted_labels]
-    return mask
+    return rank < n_hold[labels]
 
 
 def _fit_logreg(x: Tensor, y: Tensor, n_t: int, l2: float, init: Tensor | None, max_iter: int) -> Tensor:
