@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import atomic_write
+from ..head._source import source_outputs
 from ..head.bi_tuning import BiTuning as _BiTuning
 from ..head.bi_tuning import BiTuningClassifier as _BiTuningClassifier
 from ..head.co_tuning import CoTuningLoss as _CoTuningLoss
-from ..head.co_tuning import direct_relationship
+from ..head.co_tuning import collect_source_outputs, direct_relationship
 from ..head.kd import KnowledgeDistillation
 from ..head.lwf import LwFClassifier as _LwFClassifier
 
@@ -135,14 +136,10 @@ class CoTuningClassifier(LwFClassifier):
         ]
 
 
-@torch.no_grad()
 def collect_pretrain_labels(data_loader, classifier: nn.Module, device) -> torch.Tensor:
-    """tllib's ``lwf.collect_pretrain_labels``: the classifier's outputs over the loader (eval mode), in order."""
-    classifier.eval()
-    outs = [classifier(batch[0].to(device)).detach().cpu() for batch in data_loader]
-    if not outs:
-        raise ValueError("the data loader yielded no batches")
-    return torch.cat(outs, dim=0)
+    """tllib's ``lwf.collect_pretrain_labels``: the classifier's outputs over the loader (eval mode, no_grad), in
+    order, on the CPU."""
+    return source_outputs(classifier, data_loader, device=device).outputs
 
 
 class CoTuningLoss(_CoTuningLoss):
@@ -177,21 +174,10 @@ class Relationship:
     def __getitem__(self, category):
         return self.relationship[category]
 
-    @torch.no_grad()
     def collect_labels(self):
         """(source probabilities (N, N_p), target labels (N,)) as numpy arrays."""
-        import numpy as np
-
-        probs, labels = [], []
-        self.classifier.eval()
-        for batch in self.data_loader:
-            x, label = batch[0], batch[1]
-            y_s = self.classifier(x.to(self.device))
-            probs.append(F.softmax(y_s, dim=1).detach().cpu().numpy())
-            labels.append(np.asarray(label))
-        if not probs:
-            raise ValueError("the data loader yielded no batches")
-        return np.concatenate(probs, 0), np.concatenate(labels, 0)
+        logits, labels = collect_source_outputs(self.classifier, self.data_loader, self.device)
+        return F.softmax(logits, dim=1).numpy(), labels.numpy()
 
     def get_category_relationship(self, source_probabilities, target_labels):
         """Row i = mean of the source probabilities over the samples of target class i (N_t = max label + 1)."""

@@ -42,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError
 from .._utils import class_ranks, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
+from ._source import source_outputs
 
 __all__ = [
     "co_tuning_loss",
@@ -295,35 +297,20 @@ def reverse_relationship(
 
 
 # ------------------------------------------------------------------------------------- data collection
-@torch.no_grad()
 def collect_source_outputs(
     model: nn.Module, loader: Iterable, device: torch.device | str | None = None
 ) -> tuple[Tensor, Tensor]:
     """The pretrained (source) classifier's logits and the target labels over a loader of ``(x, y, ...)``
-    batches, in eval mode under ``no_grad`` (the model's mode is restored). Returns float32/64 CPU logits
-    (N, N_s) and int64 labels (N,)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if device is None:
-        prm = next(iter(model.parameters()), None)
-        device = prm.device if prm is not None else torch.device("cpu")
-    outs, labels = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
-                raise TypeError("the loader must yield (inputs, labels, ...) batches")
-            out = model(batch[0].to(device))
-            if not isinstance(out, Tensor) or out.dim() != 2:
-                raise ValueError("the source classifier must return a (batch, N_s) logits tensor in eval mode")
-            outs.append(out.cpu())
-            labels.append(torch.as_tensor(batch[1]).cpu().long())
-    finally:
-        model.train(was_training)
-    if not outs:
-        raise ValueError("the data loader yielded no batches")
-    return torch.cat(outs), torch.cat(labels)
+    batches (:func:`~finereg.head._source.source_outputs`: eval mode, ``no_grad``, mode restored). Returns the
+    (N, N_s) CPU logits in the model's dtype and the (N,) int64 labels."""
+    got = source_outputs(model, loader, device=device)
+    if got.labels is None:
+        raise FineregTypeError("the loader must yield (inputs, labels, ...) batches: the relationship needs labels")
+    if got.outputs.dim() != 2:
+        raise FineregError(
+            f"the source classifier must return (batch, N_s) logits in eval mode, got shape {tuple(got.outputs.shape)}"
+        )
+    return got.outputs, got.labels
 
 
 # ------------------------------------------------------------------------------ relationship container

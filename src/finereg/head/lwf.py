@@ -13,8 +13,8 @@ where y_s is the source head's current output and KD_T is the distillation loss 
 Pieces:
 
 * :class:`LwFClassifier` — backbone + source head + target head; in training returns ``(y_s, y_t)``, in eval
-  ``y_t``. Built from any backbone + head, or :meth:`LwFClassifier.from_torchvision` /
-  :meth:`LwFClassifier.from_timm` / :meth:`LwFClassifier.from_pretrained`.
+  ``y_t``. Built from any backbone + head, or split from a pretrained classifier by
+  :meth:`LwFClassifier.from_pretrained`.
 * :func:`record_source_predictions` — y_o over a loader, keyed by sample index, optionally cached on disk.
 * :class:`IndexedDataset` — wraps a dataset so each item also carries its index (for shuffled training).
 * :meth:`LwFClassifier.param_groups` — ``[{backbone, lr}, {heads, 10·lr}]``.
@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError
 from .._utils import get_submodule, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
+from ._source import batch_parts, source_outputs, split_classifier
 
 __all__ = ["LwFClassifier", "new_head_like", "record_source_predictions", "IndexedDataset"]
-
-_TORCHVISION_HEAD_NAMES = ("fc", "classifier", "heads", "head")
 
 
 def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
@@ -152,54 +152,16 @@ class LwFClassifier(nn.Module):
         return [g for g in groups if g["params"]]
 
     @classmethod
-    def from_torchvision(
+    def from_pretrained(
         cls, model: nn.Module, num_classes: int, head_name: str | None = None, copy_model: bool = True
     ) -> LwFClassifier:
-        """Split a torchvision-style classifier: the submodule ``head_name`` (default: the first of ``fc``,
-        ``classifier``, ``heads``, ``head`` that exists) becomes the source head and is replaced by
-        ``nn.Identity`` in the backbone (so the backbone's forward returns the head's input). The model is
-        deep-copied unless ``copy_model=False``."""
-        model = unwrap(model)
-        if head_name is None:
-            found = [n for n in _TORCHVISION_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-            if not found:
-                raise ValueError(
-                    f"could not find the classifier head of {type(model).__name__} (looked for "
-                    f"{', '.join(_TORCHVISION_HEAD_NAMES)}); pass head_name=..."
-                )
-            head_name = found[0]
-        backbone = copy.deepcopy(model) if copy_model else model
-        head = get_submodule(backbone, head_name)
-        parent_name, _, child = head_name.rpartition(".")
-        setattr(get_submodule(backbone, parent_name) if parent_name else backbone, child, nn.Identity())
+        """Split a pretrained torchvision, timm or any classifier: its final ``nn.Linear`` (or the submodule
+        ``head_name``) becomes the source head and is replaced by ``nn.Identity`` in the backbone, which then
+        returns the head's input (see :mod:`finereg.head._source`). The model is deep-copied unless
+        ``copy_model=False``."""
+        backbone = copy.deepcopy(unwrap(model)) if copy_model else unwrap(model)
+        backbone, head, _ = split_classifier(backbone, head_name)
         return cls(backbone, head, num_classes)
-
-    @classmethod
-    def from_timm(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
-        """Split a timm model: ``get_classifier()`` is the source head; the backbone is the model after
-        ``reset_classifier(0)`` (its forward = ``forward_features`` + ``forward_head(pre_logits=True)``)."""
-        model = unwrap(model)
-        if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):
-            raise TypeError(
-                f"{type(model).__name__} is not a timm model (no get_classifier/reset_classifier); "
-                "use LwFClassifier.from_torchvision or LwFClassifier(backbone, head_source, ...)"
-            )
-        head = model.get_classifier()
-        if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
-            raise ValueError(
-                "the timm model has no classifier head (created with num_classes=0?); LwF needs the pretrained head"
-            )
-        head = copy.deepcopy(head)
-        backbone = copy.deepcopy(model) if copy_model else model
-        backbone.reset_classifier(0)
-        return cls(backbone, head, num_classes)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
-        """:meth:`from_timm` for timm models, else :meth:`from_torchvision`."""
-        if hasattr(unwrap(model), "reset_classifier"):
-            return cls.from_timm(model, num_classes, copy_model)
-        return cls.from_torchvision(model, num_classes, copy_model=copy_model)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -219,26 +181,20 @@ class IndexedDataset(torch.utils.data.Dataset):
         return (*item, i) if isinstance(item, tuple) else (item, i)
 
 
-def _batch_parts(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        idx = batch[2] if len(batch) >= 3 else None
-        if idx is not None:
-            idx = torch.as_tensor(idx)
-            if idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool) or idx.dim() != 1:
-                raise ValueError(
-                    "the third item of a batch must be the 1-D integer sample indices (see IndexedDataset)"
-                )
-        return batch[0], idx
-    raise TypeError(
-        f"a batch must be a tensor of inputs or a tuple (inputs, labels[, indices]), got {type(batch).__name__}"
-    )
-
-
 def _is_shuffled(loader: Iterable) -> bool:
     sampler = getattr(loader, "sampler", None)
     return sampler is not None and not isinstance(sampler, torch.utils.data.SequentialSampler)
+
+
+def _refuse_shuffled_without_indices(loader: Iterable) -> Iterator:
+    """The batches of ``loader``; a shuffling loader whose first batch carries no indices is refused at once."""
+    for i, batch in enumerate(loader):
+        if i == 0 and batch_parts(batch)[2] is None and _is_shuffled(loader):
+            raise FineregError(
+                "the loader shuffles but its batches carry no sample indices: use shuffle=False or wrap the "
+                "dataset in IndexedDataset"
+            )
+        yield batch
 
 
 @torch.no_grad()
@@ -271,36 +227,15 @@ def record_source_predictions(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
-    forward = inner.source_logits if isinstance(inner, LwFClassifier) else model
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
+    forward = inner.source_logits if isinstance(inner, LwFClassifier) else None
 
     def compute() -> dict:
-        outs, idxs, seen = [], [], 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in loader:
-                x, idx = _batch_parts(batch)
-                if idx is None:
-                    if _is_shuffled(loader):
-                        raise ValueError(
-                            "the loader shuffles but its batches carry no sample indices: use "
-                            "shuffle=False or wrap the dataset in IndexedDataset"
-                        )
-                    idx = torch.arange(seen, seen + x.shape[0])
-                seen += x.shape[0]
-                outs.append(forward(x.to(device)).float().cpu())
-                idxs.append(idx.cpu().long())
-        finally:
-            model.train(was_training)
-        if not outs:
-            raise ValueError("the data loader yielded no batches")
-        out, idx = torch.cat(outs), torch.cat(idxs)
+        got = source_outputs(model, _refuse_shuffled_without_indices(loader), device=device, forward=forward)
+        out = got.outputs.float()
+        idx = got.indices if got.indices is not None else torch.arange(len(out))
         n = int(idx.max()) + 1
         if idx.min() < 0 or len(idx) != n or torch.bincount(idx, minlength=n).ne(1).any():
-            raise ValueError(
+            raise FineregError(
                 f"sample indices must cover 0..N-1 exactly once; got {len(idx)} samples with "
                 f"indices in [{int(idx.min())}, {int(idx.max())}]"
             )
