@@ -81,19 +81,23 @@ def test_new_head_like_composite():
         new_head_like(nn.ReLU(), 3)
 
 
-def test_param_groups():
+def test_param_groups_default_to_tllibs_lwf_layout():
     lwf = split(tiny_pretrained())
     groups = lwf.param_groups(0.01)
-    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1), pytest.approx(0.1)]
-    ids = [{id(p) for p in g["params"]} for g in groups]
-    assert ids[0] == {id(p) for p in lwf.backbone.parameters()}
-    assert ids[1] == {id(p) for p in lwf.head_target.parameters()}
-    assert ids[2] == {id(p) for p in lwf.head_source.parameters()}
-    frozen_src = lwf.param_groups(0.01, source_head_lr_mult=0)
-    assert len(frozen_src) == 2
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("backbone", pytest.approx(0.001)),
+        ("bottleneck", 0.01),
+        ("head_target", 0.01),
+    ]  # tllib's lwf.Classifier.get_parameters: the source head is not in the optimizer
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in lwf.backbone.parameters()}
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in lwf.head_target.parameters()}
+    trained = lwf.param_groups(0.01, source_head="pretrained", pretrained_lr_mult=1.0)  # LwF's paper / Co-Tuning
+    assert [(g["name"], g["lr"]) for g in trained][:2] == [("backbone", 0.01), ("head_source", 0.01)]
     torch.optim.SGD(groups, lr=0.01)  # valid optimizer groups
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 0.0"):
         lwf.param_groups(0.0)
+    with pytest.raises(ValueError, match="source_head must be one of 'pretrained', 'new', 'excluded', got 'frozen'"):
+        lwf.param_groups(0.1, source_head="frozen")
 
 
 def _data(n=10, seed=0):

@@ -35,6 +35,7 @@ from ..head.co_tuning import CoTuningLoss as _CoTuningLoss
 from ..head.co_tuning import collect_source_outputs, direct_relationship
 from ..head.kd import KnowledgeDistillation
 from ..head.lwf import LwFClassifier as _LwFClassifier
+from ..lr_policy import param_groups
 
 __all__ = [
     "KnowledgeDistillationLoss",
@@ -61,6 +62,13 @@ def _features_dim(backbone: nn.Module, bottleneck: nn.Module | None, bottleneck_
     if not isinstance(dim, int):
         raise ValueError("the backbone needs an int attribute out_features (tllib's convention) to size the heads")
     return dim
+
+
+def _tllib_groups(model: nn.Module, base_lr: float, parts: dict) -> list[dict]:
+    """tllib's ``get_parameters(base_lr)``: :func:`finereg.lr_policy.param_groups` with pretrained parts at
+    0.1·base_lr when ``model.finetune`` (else 1.0·base_lr), as ``[{"params", "lr"}]`` dicts."""
+    groups = param_groups(model, base_lr, parts, pretrained_lr_mult=0.1 if model.finetune else 1.0)
+    return [{"params": g["params"], "lr": g["lr"]} for g in groups]
 
 
 class KnowledgeDistillationLoss(KnowledgeDistillation):
@@ -114,26 +122,19 @@ class LwFClassifier(_LwFClassifier):
     def features_dim(self) -> int:
         return self._features_dim
 
+    _source_head_role = "excluded"
+
     def get_parameters(self, base_lr: float = 1.0) -> list[dict]:
-        return [
-            {"params": self.backbone.parameters(), "lr": 0.1 * base_lr if self.finetune else 1.0 * base_lr},
-            {"params": self.bottleneck.parameters(), "lr": 1.0 * base_lr},
-            {"params": self.head_target.parameters(), "lr": 1.0 * base_lr},
-        ]
+        parts = {"backbone": "pretrained", "head_source": self._source_head_role}
+        parts.update(bottleneck="new", head_target="new", pool_layer="excluded")
+        return _tllib_groups(self, base_lr, parts)
 
 
 class CoTuningClassifier(LwFClassifier):
     """tllib's ``co_tuning.Classifier``: the LwF classifier whose ``get_parameters`` also trains the source
     head (0.1·base_lr when fine-tuning)."""
 
-    def get_parameters(self, base_lr: float = 1.0) -> list[dict]:
-        slow = 0.1 * base_lr if self.finetune else 1.0 * base_lr
-        return [
-            {"params": self.backbone.parameters(), "lr": slow},
-            {"params": self.head_source.parameters(), "lr": slow},
-            {"params": self.bottleneck.parameters(), "lr": 1.0 * base_lr},
-            {"params": self.head_target.parameters(), "lr": 1.0 * base_lr},
-        ]
+    _source_head_role = "pretrained"
 
 
 def collect_pretrain_labels(data_loader, classifier: nn.Module, device) -> torch.Tensor:
@@ -215,13 +216,8 @@ class BiTuningClassifier(_BiTuningClassifier):
         self.finetune = finetune
 
     def get_parameters(self, base_lr: float = 1.0) -> list[dict]:
-        slow = 0.1 * base_lr if self.finetune else 1.0 * base_lr
-        return [
-            {"params": self.backbone.parameters(), "lr": slow},
-            {"params": self.bottleneck.parameters(), "lr": 1.0 * base_lr},
-            {"params": self.head.parameters(), "lr": 1.0 * base_lr},
-            {"params": self.projector.parameters(), "lr": slow},
-        ]
+        parts = {"backbone": "pretrained", "bottleneck": "new", "head": "new", "projector": "pretrained"}
+        return _tllib_groups(self, base_lr, {**parts, "pool_layer": "excluded"})
 
 
 class BiTuning(_BiTuning):

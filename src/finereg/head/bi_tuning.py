@@ -37,7 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError, check_choice
 from .._utils import class_ranks, unwrap
+from ..lr_policy import ROLES, Role, param_groups
 
 __all__ = ["BiTuningClassifier", "BiTuning", "bi_tuning_loss"]
 
@@ -101,6 +103,20 @@ class BiTuningClassifier(nn.Module):
     def features_dim(self) -> int:
         """Size F of the features h fed to the head (the queue_h rows are F + 1)."""
         return self._features_dim
+
+    def param_parts(self, projector: Role = "pretrained") -> dict[str, Role]:
+        """The parts and their learning-rate roles (:mod:`finereg.lr_policy`): the backbone (and a pool with
+        parameters) pretrained, the bottleneck and head new, the projector ``projector`` (``"pretrained"``:
+        tllib's layout, which trains the new projector at the backbone's rate; ``"new"``: at the head's)."""
+        parts: dict[str, Role] = {"backbone": "pretrained"}
+        if any(True for _ in self.pool_layer.parameters()):
+            parts["pool_layer"] = "pretrained"
+        parts.update(bottleneck="new", head="new", projector=check_choice(projector, "projector", ROLES))
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, projector: Role = "pretrained") -> list[dict]:
+        """Optimizer groups: :func:`finereg.lr_policy.param_groups` of :meth:`param_parts`."""
+        return param_groups(self, lr, self.param_parts(projector), pretrained_lr_mult=pretrained_lr_mult)
 
     def features(self, x: Tensor) -> Tensor:
         return self.bottleneck(self.pool_layer(self.backbone(x)))
@@ -231,6 +247,23 @@ class BiTuning(nn.Module):
         self.register_buffer("queue_h", F.normalize(torch.randn(inner.features_dim + 1, num_classes, K), dim=0))
         self.register_buffer("queue_z", F.normalize(torch.randn(inner.projection_dim, num_classes, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
+
+    def param_parts(self, projector: Role = "pretrained") -> dict[str, Role]:
+        """The query encoder's parts (:meth:`BiTuningClassifier.param_parts`); the key encoder is excluded (it
+        follows the query encoder by momentum)."""
+        inner = unwrap(self.encoder_q)
+        declare = getattr(inner, "param_parts", None)
+        if not callable(declare):
+            raise FineregError(f"{type(inner).__name__} declares no param_parts(); use a BiTuningClassifier")
+        prefix = "encoder_q." if inner is self.encoder_q else "encoder_q.module."
+        parts: dict[str, Role] = {prefix + k: v for k, v in declare(projector=projector).items()}
+        parts["encoder_k"] = "excluded"
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, projector: Role = "pretrained") -> list[dict]:
+        """Optimizer groups of the query encoder (:meth:`param_parts`); tllib's script passes
+        ``encoder_q.get_parameters(lr)``, the same groups."""
+        return param_groups(self, lr, self.param_parts(projector), pretrained_lr_mult=pretrained_lr_mult)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, K={self.K}, m={self.m}, T={self.T}"

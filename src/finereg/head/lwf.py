@@ -17,7 +17,7 @@ Pieces:
   :meth:`LwFClassifier.from_pretrained`.
 * :func:`record_source_predictions` — y_o over a loader, keyed by sample index, optionally cached on disk.
 * :class:`IndexedDataset` — wraps a dataset so each item also carries its index (for shuffled training).
-* :meth:`LwFClassifier.param_groups` — ``[{backbone, lr}, {heads, 10·lr}]``.
+* :meth:`LwFClassifier.param_groups` — the optimizer groups of :mod:`finereg.lr_policy` (tllib's layout).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError
+from .._checks import FineregError, check_choice
 from .._utils import get_submodule, unwrap
+from ..lr_policy import ROLES, Role, param_groups
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 from ._source import batch_parts, source_outputs, split_classifier
 
@@ -129,27 +130,22 @@ class LwFClassifier(nn.Module):
         """The source head's output only, head_source(pool(backbone(x)))."""
         return self.head_source(self.pool_layer(self.backbone(x)))
 
-    def param_groups(
-        self, lr: float, head_lr_mult: float = 10.0, source_head_lr_mult: float | None = None
-    ) -> list[dict]:
-        """Optimizer parameter groups: backbone at ``lr``; bottleneck and target head at ``head_lr_mult·lr``
-        (default 10×); the source head at ``source_head_lr_mult·lr`` (default: same as the heads; 0 leaves
-        it out of the optimizer, i.e. frozen). Empty groups are dropped."""
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        src_mult = head_lr_mult if source_head_lr_mult is None else source_head_lr_mult
-        groups = [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {
-                "params": [p for m in (self.bottleneck, self.head_target) for p in m.parameters() if p.requires_grad],
-                "lr": head_lr_mult * lr,
-            },
-        ]
-        if src_mult:
-            groups.append(
-                {"params": [p for p in self.head_source.parameters() if p.requires_grad], "lr": src_mult * lr}
-            )
-        return [g for g in groups if g["params"]]
+    def param_parts(self, source_head: Role = "excluded") -> dict[str, Role]:
+        """The parts and their learning-rate roles (:mod:`finereg.lr_policy`): the backbone (and a pool with
+        parameters) pretrained, the bottleneck and target head new, and the source head ``source_head``:
+        ``"excluded"`` (tllib's LwF: left out of the optimizer), ``"pretrained"`` (tllib's Co-Tuning layout, and
+        LwF's paper, which trains the old task's head too) or ``"new"``."""
+        parts: dict[str, Role] = {"backbone": "pretrained"}
+        if any(True for _ in self.pool_layer.parameters()):
+            parts["pool_layer"] = "pretrained"
+        parts["head_source"] = check_choice(source_head, "source_head", ROLES)
+        parts.update(bottleneck="new", head_target="new")
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, source_head: Role = "excluded") -> list[dict]:
+        """Optimizer groups: :func:`finereg.lr_policy.param_groups` of :meth:`param_parts` (new parts at ``lr``,
+        pretrained parts at ``pretrained_lr_mult · lr``)."""
+        return param_groups(self, lr, self.param_parts(source_head), pretrained_lr_mult=pretrained_lr_mult)
 
     @classmethod
     def from_pretrained(
