@@ -13,13 +13,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..feature.attention import attention_from_importance, channel_importance
 from ..feature.capture import FeatureCapture
-from ..feature.delta import (
-    AttentionBehavioralPenalty,
-    attention_from_importance,
-    behavioral_penalty,
-    channel_importance,
-)
+from ..feature.delta import AttentionBehavioralPenalty, behavioral_penalty
 
 __all__ = [
     "BehavioralRegularization",
@@ -101,7 +97,7 @@ def channel_attention(
     defaults to cross-entropy. For every batch and every output channel j of each layer the loss increase of
     ``weight[j] = 0`` is averaged over batches; per layer standardized (population std), ``softmax(w / 5)``.
     Returned in float32 on the model's device, as tllib's script returns it. See
-    :func:`finereg.feature.delta.channel_attention` for the options (Taylor estimate, chunk size, strategy).
+    :func:`finereg.feature.attention.channel_attention` for the options (Taylor estimate, chunk size, strategy).
     """
     importance = channel_importance(model, layers, batches, criterion)
     attention = attention_from_importance(list(importance.values()))

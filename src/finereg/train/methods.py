@@ -454,7 +454,8 @@ class DeltaAttentionRecipe(DeltaRecipe):
         import copy
 
         from .._utils import get_submodule
-        from ..feature.delta import channel_attention, train_attention_classifier
+        from ..feature.attention import channel_attention
+        from ..feature.attention_classifier import train_attention_classifier
         from . import dist as fdist
         from .data import derive_seed, epoch_plan
 
