@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError
+from .._checks import FineregError, FineregTypeError, check_choice
 from .._utils import class_ranks, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 from ._source import source_outputs
@@ -54,6 +54,7 @@ __all__ = [
     "reverse_relationship",
     "ReverseFit",
     "collect_source_outputs",
+    "class_mean_rows",
     "CategoryRelationship",
     "CoTuning",
 ]
@@ -125,32 +126,43 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
 
 def _check_probabilities(p: Tensor) -> None:
     if (p < 0).any() or not torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3):
-        raise ValueError(
-            "source_probabilities must be non-negative rows summing to 1; for raw model outputs pass inputs='logits'"
+        raise FineregError(
+            "source probabilities must be rows of non-negative numbers summing to 1 (a softmax); for raw model "
+            "outputs (logits) pass inputs='logits'"
         )
 
 
 # ------------------------------------------------------------------------------------------ (a) direct
+def class_mean_rows(values: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Row c = the mean of ``values`` (N, D) over the samples with label c, and the (num_classes,) counts. One
+    ``index_add`` over the samples, no class loop; a class without samples gets a NaN row (0 / 0)."""
+    labels = labels.to(values.device)
+    sums = values.new_zeros(num_classes, values.shape[1]).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.to(sums.dtype)[:, None], counts
+
+
 def direct_relationship(
-    source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+    source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, *, inputs: str = "probabilities"
 ) -> Tensor:
     """p(y_s | y_t = i) = mean of the source probabilities over the samples of target class i.
 
     Args:
-        source_probabilities: (N, N_s) softmax outputs of the pretrained model on the target data.
-        target_labels: (N,) target labels in 0..N_t-1.
+        source: (N, N_s) outputs of the pretrained model on the target data: probabilities (rows of non-negative
+            numbers summing to 1, checked) with ``inputs="probabilities"``, or raw logits with ``inputs="logits"``
+            (turned into probabilities with a softmax).
+        target_labels: (N,) target labels in 0..N_t-1; every class needs a sample.
         num_target_classes: N_t (default: max label + 1, as tllib).
 
     Returns:
-        (N_t, N_s) tensor; row i is p(y_s | y_t = i). One ``index_add`` over the samples, no class loop.
+        (N_t, N_s) tensor; row i is p(y_s | y_t = i).
     """
-    n_t = _check_inputs(source_probabilities, target_labels, num_target_classes, "source_probabilities")
-    labels = target_labels.to(source_probabilities.device)
-    sums = source_probabilities.new_zeros(n_t, source_probabilities.shape[1]).index_add_(
-        0, labels, source_probabilities
-    )
-    counts = torch.bincount(labels, minlength=n_t).to(sums.dtype)
-    return sums / counts[:, None]
+    check_choice(inputs, "inputs", ("probabilities", "logits"))
+    n_t = _check_inputs(source, target_labels, num_target_classes, f"source {inputs}")
+    p = torch.softmax(source, dim=1) if inputs == "logits" else source
+    if inputs == "probabilities":
+        _check_probabilities(p)
+    return class_mean_rows(p, target_labels, n_t)[0]
 
 
 # ----------------------------------------------------------------------------------------- (b) reverse
@@ -356,9 +368,9 @@ class CategoryRelationship(nn.Module):
 
     @classmethod
     def direct(
-        cls, source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+        cls, source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, **kwargs: Any
     ) -> CategoryRelationship:
-        return cls(direct_relationship(source_probabilities, target_labels, num_target_classes))
+        return cls(direct_relationship(source, target_labels, num_target_classes, **kwargs))
 
     @classmethod
     def reverse(
@@ -396,7 +408,7 @@ class CategoryRelationship(nn.Module):
         def compute() -> dict:
             logits, labels = collect_source_outputs(model, loader, device)
             if method == "direct":
-                rel = direct_relationship(torch.softmax(logits, 1), labels, num_target_classes)
+                rel = direct_relationship(logits, labels, num_target_classes, inputs="logits")
             else:
                 rel = reverse_relationship(logits, labels, num_target_classes, inputs="logits", **reverse_kwargs)
             return {"relationship": rel}
