@@ -347,3 +347,24 @@ def test_clear_errors():
     assert not parametrize.is_parametrized(lin)  # failed calls leave the module untouched
     with pytest.raises(ValueError, match="bool mask"):
         PartialFreeze(torch.zeros(3), torch.zeros(3))
+
+
+def test_deep_copies_own_their_parametrization_class():
+    """issue 9 #12: a copy of a frozen model (an L2-SP anchor, say) survives unfreezing or freezing the other."""
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    a = net()
+    freeze(a, "0.weight", [0])
+    before = a(x).detach()
+    b = copy.deepcopy(a)
+    unfreeze(b, "0.weight")  # used to delete the property from the class a shares
+    torch.testing.assert_close(a(x), before)
+    assert frozen_mask(a, "0.weight") is not None and frozen_mask(b, "0.weight") is None
+    c = copy.deepcopy(a)
+    freeze(c, "0.bias", [0])  # used to add a 'bias' property a's parametrizations cannot serve (KeyError)
+    torch.testing.assert_close(a(x), before)
+    assert frozen_mask(a, "0.bias") is None and frozen_mask(c, "0.bias") is not None
+    model = net()
+    freeze(model, "3.weight", [1, 2])
+    source = copy.deepcopy(model)  # the realistic case: the pretrained anchor, then gradual unfreezing
+    unfreeze(model, "3.weight")
+    torch.testing.assert_close(source(x), model(x))

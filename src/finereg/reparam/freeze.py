@@ -37,8 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._checks import FineregError, FineregTypeError, check_type
 from .._utils import get_submodule, unknown_name_error, unwrap
 from ..weight.groups import matrix_to_weight, matrix_view
+from ._parametrize import index_of, refuse_ddp, register, remove
 
 __all__ = ["PartialFreeze", "freeze", "unfreeze", "frozen_mask"]
 
@@ -68,11 +70,12 @@ class PartialFreeze(nn.Module):
         return f"frozen={self.n_frozen}/{self.mask.numel()}"
 
 
-def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+def _resolve(module: nn.Module, name: str, what: str | None = None) -> tuple[nn.Module, str]:
+    check_type(module, "module", nn.Module, "an nn.Module")
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a tensor name such as 'weight' or 'conv.weight', got {name!r}")
+        raise FineregTypeError(f"name must be a tensor name such as 'weight' or 'conv.weight', got {name!r}")
+    if what is not None:
+        refuse_ddp(module, what)
     module = unwrap(module)
     if "." in name:
         sub, name = name.rsplit(".", 1)
@@ -92,13 +95,6 @@ def _param(module: nn.Module, name: str) -> Tensor:
     if not is_param:
         raise unknown_name_error("parameter", name, _tensor_names(module), hint=f"on {type(module).__name__}")
     return getattr(module, name)
-
-
-def _freeze_index(plist) -> int | None:
-    for i, p in enumerate(plist):
-        if isinstance(p, PartialFreeze):
-            return i
-    return None
 
 
 def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
@@ -164,7 +160,8 @@ def freeze(module: nn.Module, name: str, frozen) -> nn.Module:
     """Freeze part of ``module.<name>``: the entries under ``frozen`` keep their current values exactly.
 
     Args:
-        module: the module holding the parameter (DDP / compile wrappers accepted).
+        module: the module holding the parameter (a ``torch.compile`` wrapper is looked through; freeze before
+            wrapping in DistributedDataParallel).
         name: the parameter's name, e.g. ``"weight"``, or a dotted path from ``module`` (``"conv.weight"``).
         frozen: bool tensor of the parameter's shape (True = frozen), or a sequence of output-unit indices
             (dim 0; ConvTranspose weights: output channels, see the module docstring). Negative indices
@@ -173,21 +170,19 @@ def freeze(module: nn.Module, name: str, frozen) -> nn.Module:
     Calling ``freeze`` again on a frozen tensor adds to the frozen set (the newly frozen entries keep their
     current values). Returns the module that holds the parameter.
     """
-    module, name = _resolve(module, name)
+    module, name = _resolve(module, name, "freeze")
     current = _param(module, name)
     mask = _make_mask(module, name, current, frozen)
-    if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]
-        i = _freeze_index(plist)
-        if i is not None:  # extend the frozen set of the existing parametrization
-            with torch.no_grad():
-                p = plist[i]
-                p.values.copy_(p(_stage_input(module, name, i)))
-                p.mask |= mask
-            return module
+    i = index_of(module, name, PartialFreeze)
+    if i is not None:  # extend the frozen set of the existing parametrization
+        with torch.no_grad():
+            p = module.parametrizations[name][i]
+            p.values.copy_(p(_stage_input(module, name, i)))
+            p.mask |= mask
+        return module
     with torch.no_grad():
         values = current.detach().clone()
-    parametrize.register_parametrization(module, name, PartialFreeze(mask, values))
+    register(module, name, PartialFreeze(mask, values))
     return module
 
 
@@ -199,14 +194,14 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
     the optimizer accumulated meanwhile). Other parametrizations on the tensor stay. If freezing sits after
     other parametrizations, they need a ``right_inverse`` to write the frozen values through them.
     """
-    module, name = _resolve(module, name)
+    module, name = _resolve(module, name, "unfreeze")
     _param(module, name)
-    plist = module.parametrizations[name] if parametrize.is_parametrized(module, name) else None
-    i = _freeze_index(plist) if plist is not None else None
+    i = index_of(module, name, PartialFreeze)
     if i is None:
-        raise ValueError(f"{type(module).__name__}.{name} is not frozen (no PartialFreeze parametrization)")
+        raise FineregError(f"{type(module).__name__}.{name} is not frozen (no PartialFreeze parametrization)")
+    plist = module.parametrizations[name]
     if len(plist) == 1:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        remove(module, name)
         return module
     with torch.no_grad():
         value = plist[i](_stage_input(module, name, i))  # what the freezing stage outputs now
@@ -232,7 +227,5 @@ def frozen_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
     """The bool mask of the frozen entries of ``module.<name>`` (a copy), or None if it is not frozen."""
     module, name = _resolve(module, name)
     _param(module, name)
-    if not parametrize.is_parametrized(module, name):
-        return None
-    i = _freeze_index(module.parametrizations[name])
+    i = index_of(module, name, PartialFreeze)
     return None if i is None else module.parametrizations[name][i].mask.clone()
