@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finereg._checks import FineregError
 from finereg.feature.attention import attention_from_importance, channel_attention, channel_importance
 
 TOL = dict(rtol=1e-6, atol=1e-8)
@@ -275,3 +276,70 @@ def test_channel_attention_errors(golden, build_arch):
     model[1].train()
     with pytest.raises(ValueError, match="eval mode.*\\['1'\\]"):  # any module in training mode
         channel_importance(model, ["0"], batches)
+
+
+# ---------------------------------------------------------------- issue 9: silent results are errors ----
+class _Unused(nn.Module):
+    """conv ``b`` is a submodule the forward never calls; conv ``c`` runs but the output does not use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        self.c(h)  # computed, thrown away
+        return self.head(h.mean((2, 3)))
+
+
+def _batches(n=3, nan_at=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        x = torch.randn(4, 3, 6, 6, generator=g)
+        if i == nan_at:
+            x[1, 0, 0, 0] = float("nan")
+        out.append((x, torch.randint(0, 3, (4,), generator=g)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "method, strategy", [("exact", "split"), ("exact", "hook"), ("exact", "auto"), ("taylor", "auto")]
+)
+def test_a_layer_the_forward_does_not_use_is_an_error(method, strategy):
+    """issue 9 #8: the exact method returned uniform attention for a layer the forward never calls."""
+    model = _Unused().eval()
+    with pytest.raises(FineregError, match=r"layer\(s\) \['b'\] did not run in the model's forward"):
+        channel_attention(model, ["a", "b"], _batches(), method=method, strategy=strategy)
+    if strategy != "hook":  # a layer that runs but that the output ignores: the split graph (and Taylor) see it
+        with pytest.raises(FineregError, match="does not depend on layer 'c'"):
+            channel_attention(model, ["c"], _batches(), method=method, strategy=strategy)
+
+
+@pytest.mark.parametrize("method", ["exact", "taylor"])
+def test_non_finite_importance_fails_at_the_first_bad_batch(method):
+    """issue 9 #8 and #27: a NaN loss gave uniform attention (exact) after every batch was processed; now the
+    first batch with a non-finite loss stops the computation, naming it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    consumed = []
+
+    def batches():
+        for i, batch in enumerate(_batches(n=5, nan_at=1)):
+            consumed.append(i)
+            yield batch
+
+    with pytest.raises(FineregError, match="batch 1 is nan"):
+        channel_attention(model, ["0"], batches(), method=method)
+    assert consumed == [0, 1]  # batches 2..4 were never computed
+    with pytest.raises(FineregError, match="importance of layer 'x' has NaN or inf values"):
+        attention_from_importance({"x": torch.tensor([0.1, float("nan"), 0.3])})
+
+
+@pytest.mark.parametrize("method", ["exact", "taylor"])
+def test_an_empty_batch_is_an_error(method):
+    """issue 9 #16: a 0-sample batch raised ZeroDivisionError."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    empty = (torch.zeros(0, 3, 6, 6), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(FineregError, match="batch 1 has no samples"):
+        channel_attention(model, ["0"], [_batches(1)[0], empty], method=method)

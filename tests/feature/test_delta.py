@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from finereg._checks import FineregError
 from finereg.feature.attention import channel_attention
 from finereg.feature.attention_classifier import train_attention_classifier
 from finereg.feature.delta import (
@@ -180,3 +181,38 @@ def test_delta_pipeline_with_capture():
         value = pen(cs.outputs, ct.outputs)
     value.backward()
     assert value.item() > 0 and target[2].weight.grad is not None and source[2].weight.grad is None
+
+
+def test_negative_attention_weights_are_refused():
+    """issue 9 #11: a negative weight rewards drifting away from the source features; it was accepted."""
+    s, t = {"a": torch.zeros(2, 3, 4, 4)}, {"a": torch.ones(2, 3, 4, 4)}
+    bad = torch.tensor([0.5, 0.7, -0.2])
+    with pytest.raises(FineregError, match="layer 'a': attention has negative weights"):
+        attention_behavioral_penalty(s, t, {"a": bad})
+    with pytest.raises(FineregError, match="attention has negative weights"):
+        AttentionBehavioralPenalty({"a": bad})
+
+
+def test_low_precision_features_accumulate_in_float32():
+    """issue 9 #11: on float16 features the squared differences overflowed (65504) and the penalty was inf."""
+    g = torch.Generator().manual_seed(0)
+    s32 = torch.randn(4, 3, 5, 5, generator=g) * 300
+    t32 = torch.randn(4, 3, 5, 5, generator=g) * 300
+    att = torch.tensor([0.2, 0.3, 0.5])
+    for dtype in (torch.float16, torch.bfloat16):
+        s, t = s32.to(dtype), t32.to(dtype).requires_grad_()
+        ref_s, ref_t = s.double(), t.detach().double()
+        value = behavioral_penalty({"a": s}, {"a": t})
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        torch.testing.assert_close(value.double(), behavioral_penalty({"a": ref_s}, {"a": ref_t}), rtol=1e-5, atol=0)
+        weighted = attention_behavioral_penalty({"a": s}, {"a": t}, {"a": att})
+        expected = attention_behavioral_penalty({"a": ref_s}, {"a": ref_t}, {"a": att.double()})
+        torch.testing.assert_close(weighted.double(), expected, rtol=1e-5, atol=0)
+        (value + weighted).backward()
+        assert t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all()
+
+
+def test_empty_batch_of_features():
+    s, t = {"a": torch.zeros(0, 3, 4, 4)}, {"a": torch.zeros(0, 3, 4, 4)}
+    assert attention_behavioral_penalty(s, t, {"a": torch.ones(3) / 3}).item() == 0.0  # a sum over no sample
+    assert behavioral_penalty(s, t).item() == 0.0

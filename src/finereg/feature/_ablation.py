@@ -14,7 +14,8 @@ Taylor: one forward and backward per batch, Δ_j ≈ Σ ∂L/∂y_j · (fill_j �
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .._checks import FineregError
 from .._utils import get_submodule, name_list, strip_prefixes, unwrap
-from ._batches import _batch_size, _call, _LossFns, _repeat, _unpack
+from ._batches import _batch, _call, _LossFns, _repeat
 
 
 @dataclass
@@ -119,13 +121,21 @@ class _Split:
     def __init__(self, gm: torch.fx.GraphModule, layer: _Layer) -> None:
         graph = gm.graph
         hits = [n for n in graph.nodes if n.op == "call_module" and n.target == layer.target]
+        if not hits:
+            raise FineregError(
+                f"layer(s) [{layer.name!r}] did not run in the model's forward (the traced graph never calls it): "
+                "channel attention weighs the channels of layers the model uses; check the layer names"
+            )
         if len(hits) != 1:
             raise _CannotSplit(f"the traced graph calls layer {layer.name!r} {len(hits)} times")
         node = hits[0]
         after = _descendants([node])
         output = next(n for n in graph.nodes if n.op == "output")
         if output not in after:
-            raise _CannotSplit(f"the model output does not depend on layer {layer.name!r}")
+            raise FineregError(
+                f"the model output does not depend on layer {layer.name!r}: removing its channels changes nothing, "
+                "so it has no channel attention; choose layers the model's output uses"
+            )
         batched = _descendants([n for n in graph.nodes if n.op == "placeholder"], include_roots=True)
         order = list(graph.nodes)
         boundary = [n for n in order if n not in after and any(u in after for u in n.users)]
@@ -203,10 +213,12 @@ def _exact_increase(
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs, labels = _unpack(batch, i)
-            b = _batch_size(inputs)
+            inputs, labels, b = _batch(batch, i)
             k = chunk_size or max(1, 1024 // b)
-            loss0 = loss(_call(model, inputs), labels)
+            with _record_calls(layers) as ran:
+                loss0 = loss(_call(model, inputs), labels)
+            _check_ran(layers, ran, i)
+            _check_finite(loss0, i)
             for li, lyr in enumerate(layers):
                 split = splits.get(lyr.name)
                 inc = None
@@ -219,12 +231,51 @@ def _exact_increase(
                         splits[lyr.name] = None
                 if inc is None:
                     inc = _hook_losses(model, lyr, inputs, labels, b, k, loss) - loss0
+                _check_finite(inc, i, lyr)
                 # tllib's running mean: h_i = (i·h_{i-1} + d_i) / (i + 1), in float64
                 history[li] = (i * history[li] + inc.detach().double().cpu()) / (i + 1)
             n_batches += 1
     if n_batches == 0:
-        raise ValueError("batches gave no (inputs, labels) pairs")
+        raise FineregError("batches gave no (inputs, labels) pairs")
     return history
+
+
+@contextlib.contextmanager
+def _record_calls(layers: list[_Layer]) -> Iterator[set[str]]:
+    """The names of the layers that ran during the block (forward hooks, removed after)."""
+    ran: set[str] = set()
+    handles = [lyr.module.register_forward_hook(lambda m, a, o, n=lyr.name: ran.add(n)) for lyr in layers]
+    try:
+        yield ran
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_ran(layers: list[_Layer], ran: set[str], i: int) -> None:
+    missing = [lyr.name for lyr in layers if lyr.name not in ran]
+    if missing:
+        raise FineregError(
+            f"layer(s) {missing} did not run in the model's forward on batch {i}: channel attention weighs the "
+            "channels of layers the model uses; check the layer names (model.named_modules())"
+        )
+
+
+def _check_finite(value: Tensor, i: int, layer: _Layer | None = None) -> None:
+    """Fail on the first non-finite loss (or loss increase): the importance would be NaN, and the attention too."""
+    bad = ~torch.isfinite(value)
+    if not bad.any():
+        return
+    if layer is None:
+        raise FineregError(
+            f"the loss on batch {i} is {value.item()}: channel attention needs finite losses; check the inputs, "
+            "the labels and the model's outputs on that batch"
+        )
+    channels = torch.nonzero(bad.reshape(-1)).flatten().tolist()
+    raise FineregError(
+        f"layer {layer.name!r}: removing channel(s) {channels[:10]}{' ...' if len(channels) > 10 else ''} gives a "
+        f"non-finite loss (or loss increase) on batch {i}; channel attention needs finite importances"
+    )
 
 
 def _split_losses(
@@ -309,28 +360,35 @@ def _taylor_increase(
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
-                inputs, labels = _unpack(batch, i)
+                inputs, labels, _ = _batch(batch, i)
                 for v in captured.values():
                     v.clear()
                 value = loss(_call(model, inputs), labels)
-                missing = [lyr.name for lyr in layers if not captured[lyr.name]]
-                if missing:
-                    raise RuntimeError(f"layers {missing} did not run in the model's forward")
+                _check_ran(layers, {n for n, v in captured.items() if v}, i)
+                _check_finite(value.detach(), i)
                 outs = [o for lyr in layers for o in captured[lyr.name]]
                 grads = iter(torch.autograd.grad(value, outs, allow_unused=True))
                 for li, lyr in enumerate(layers):
                     inc = 0.0
+                    used = False
                     for out in captured[lyr.name]:
                         g = next(grads)
                         if g is None:
                             continue
+                        used = True
                         cdim = lyr.channel_dim % out.dim()
                         shape = [1] * out.dim()
                         shape[cdim] = lyr.channels
                         other = tuple(d for d in range(out.dim()) if d != cdim)
                         # Δloss_j ≈ Σ ∂L/∂y_j · (ablated_j − y_j) = −Σ ∂L/∂W_j ⊙ W_j
                         inc = inc + torch.sum(g * (lyr.fill(out).view(shape) - out.detach()), dim=other)
+                    if not used:
+                        raise FineregError(
+                            f"the loss does not depend on layer {lyr.name!r}: removing its channels changes nothing, "
+                            "so it has no channel attention; choose layers the model's output uses"
+                        )
                     inc = torch.as_tensor(inc, dtype=torch.float64).expand(lyr.channels)
+                    _check_finite(inc, i, lyr)
                     history[li] = (i * history[li] + inc.detach().double().cpu()) / (i + 1)
                 n_batches += 1
     finally:
@@ -339,5 +397,5 @@ def _taylor_increase(
         for v in captured.values():
             v.clear()
     if n_batches == 0:
-        raise ValueError("batches gave no (inputs, labels) pairs")
+        raise FineregError("batches gave no (inputs, labels) pairs")
     return history

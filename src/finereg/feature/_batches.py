@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .._checks import FineregError
+
 Criterion = Callable[[Any, Any], Tensor]
 
 
@@ -97,3 +99,12 @@ def _unpack(batch: Any, i: int) -> tuple[Any, Any]:
             f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}"
         )
     return batch[0], batch[1]
+
+
+def _batch(batch: Any, i: int) -> tuple[Any, Any, int]:
+    """``(inputs, labels, batch size)`` of batch ``i``; an empty batch is an error (the mean loss is undefined)."""
+    inputs, labels = _unpack(batch, i)
+    b = _batch_size(inputs)
+    if b == 0:
+        raise FineregError(f"batch {i} has no samples; every batch needs at least one (inputs, labels) sample")
+    return inputs, labels, b

@@ -12,7 +12,6 @@ float64 importance vector and a (c,) attention vector summing to 1.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, check_number
 from .._utils import unwrap
 from ._ablation import _exact_increase, _resolve_layers, _taylor_increase
 from ._batches import Criterion, _LossFns
@@ -94,28 +94,27 @@ def channel_importance(
 def attention_from_importance(importance: Mapping[str, Tensor] | Sequence[Tensor], temperature: float = 5.0) -> Any:
     """Per layer: standardize with the population std, then ``softmax(w / temperature)`` (tllib: temperature 5).
 
-    Differs from tllib where every channel of a layer has the same loss increase (std 0): tllib divides by zero
-    and returns NaN; here the attention is uniform (1/c). Returns the same container type as given.
+    Where every channel of a layer has the same loss increase (std 0) the attention is uniform (1/c); a non-finite
+    importance is an error. Returns the same container type as given.
     """
-    if not (
-        isinstance(temperature, (int, float))
-        and not isinstance(temperature, bool)
-        and temperature > 0
-        and math.isfinite(temperature)
-    ):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    temperature = check_number(temperature, "temperature", low=0, low_open=True)
 
-    def one(w: Tensor) -> Tensor:
+    def one(key: Any, w: Tensor) -> Tensor:
         w = torch.as_tensor(w, dtype=torch.float64)
         if w.dim() != 1 or w.numel() == 0:
-            raise ValueError(f"importance vectors must be 1-D and non-empty, got shape {tuple(w.shape)}")
+            raise FineregError(f"importance vectors must be 1-D and non-empty, got shape {tuple(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise FineregError(
+                f"the importance of layer {key!r} has NaN or inf values: its attention would be meaningless; "
+                "recompute it on batches where the model's loss is finite"
+            )
         std = w.std(correction=0)
         z = (w - w.mean()) / std if std > 0 else torch.zeros_like(w)
         return torch.softmax(z / temperature, dim=0)
 
     if isinstance(importance, Mapping):
-        return OrderedDict((k, one(v)) for k, v in importance.items())
-    return [one(v) for v in importance]
+        return OrderedDict((k, one(k, v)) for k, v in importance.items())
+    return [one(i, v) for i, v in enumerate(importance)]
 
 
 def channel_attention(

@@ -55,6 +55,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError
+
 __all__ = ["batch_spectral_shrinkage", "BSS", "BSS_METHODS"]
 
 Method = Literal["auto", "gram", "svdvals", "svd"]
@@ -95,9 +97,23 @@ def _gram(features: Tensor, k: int) -> Tensor:
     wide = x.shape[0] <= x.shape[1]  # b ≤ d: the b × b Gram F Fᵀ, else the d × d Gram Fᵀ F
     with torch.no_grad():
         gram = x @ x.T if wide else x.T @ x
+        # a NaN or inf feature makes its row's Σx² (a diagonal entry) NaN or inf: one cheap check of b or d values
+        if not torch.isfinite(gram.diagonal()).all():
+            _refuse_non_finite(features)
         q = torch.linalg.eigh(gram).eigenvectors[:, :k]  # ascending: the k smallest
     proj = q.T @ x if wide else x @ q  # ‖proj‖² = Σ of the k smallest eigenvalues (Rayleigh quotients)
     return proj.square().sum().to(features.dtype)
+
+
+def _refuse_non_finite(features: Tensor) -> None:
+    bad = ~torch.isfinite(features)
+    if bad.any():
+        rows = torch.nonzero(bad.any(1)).flatten().tolist()
+        raise FineregError(
+            f"BSS features are not finite: NaN or inf in the features of sample(s) {rows[:10]}"
+            f"{' ...' if len(rows) > 10 else ''}; the singular values are undefined (check the model's outputs)"
+        )
+    raise FineregError("BSS features are too large to square in float64 (the Gram matrix overflows); scale them down")
 
 
 def batch_spectral_shrinkage(features: Tensor, k: int = 1, method: Method = "auto") -> Tensor:
@@ -114,6 +130,8 @@ def batch_spectral_shrinkage(features: Tensor, k: int = 1, method: Method = "aut
     _check(features, k, method)
     if method in ("auto", "gram"):
         return _gram(features, k)
+    if not torch.isfinite(features).all():  # the SVD paths: checked up front
+        _refuse_non_finite(features)
     if method == "svdvals":
         return torch.linalg.svdvals(features)[-k:].square().sum()
     s = torch.svd(features.t()).S  # tllib: singular values in descending order

@@ -25,12 +25,14 @@ Pass ``channel_dim=1`` for (b, c, L) maps of 1-D convolutions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError
 from .._utils import unknown_name_error
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
 
 ChannelDim = Literal["auto"] | int
 Features = Mapping[str, Tensor] | Sequence[Tensor]
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, Tensor, Tensor]]:
@@ -113,10 +116,17 @@ def behavioral_penalty(source: Features, target: Features) -> Tensor:
     """
     total = None
     for _, s, t in _feature_pairs(source, target):
-        diff = t - s.detach()
+        diff = _diff(s, t)
         value = 0.5 * torch.sum(diff * diff)
         total = value if total is None else total + value
     return total
+
+
+def _diff(source: Tensor, target: Tensor) -> Tensor:
+    """FM_t − FM_s (source detached), in float32 for float16 / bfloat16 features (their squares overflow)."""
+    if target.dtype in _LOW_PRECISION or source.dtype in _LOW_PRECISION:
+        return target.float() - source.detach().float()
+    return target - source.detach()
 
 
 def attention_behavioral_penalty(
@@ -127,10 +137,19 @@ def attention_behavioral_penalty(
 ) -> Tensor:
     """DELTA's attention-weighted penalty, tllib's value: Σ_layers ½·(c/S)·Σ_{n,ch} a[ch]·‖FM_t[n,ch] − FM_s[n,ch]‖².
 
-    ``attention`` gives one vector of c weights per layer: by name (a mapping, as :func:`channel_attention` returns)
-    or by position. See the module docstring for the (b, d) / (b, tokens, d) / (b, c, *spatial) conventions.
+    ``attention`` gives one vector of c non-negative weights per layer: by name (a mapping, as
+    :func:`~finereg.feature.attention.channel_attention` returns) or by position. See the module docstring for the
+    (b, d) / (b, tokens, d) / (b, c, *spatial) conventions.
     """
     pairs = _feature_pairs(source, target)
+    weights = _weights_of(pairs, attention)
+    return _attention_penalty(
+        pairs, [_check_attention(a, f"layer {k!r}") for (k, _, _), a in zip(pairs, weights)], channel_dim
+    )
+
+
+def _weights_of(pairs: list, attention: Mapping[str, Tensor] | Sequence[Tensor]) -> list[Tensor]:
+    """The attention vector of each feature pair, by layer name or by position."""
     if isinstance(attention, Mapping):
         keys = [k for k, _, _ in pairs]
         missing = [k for k in keys if k not in attention]
@@ -144,8 +163,14 @@ def attention_behavioral_penalty(
         weights = [attention[k] for k in keys]
     else:
         if len(attention) != len(pairs):
-            raise ValueError(f"{len(attention)} attention vectors for {len(pairs)} feature layers; give one per layer")
+            raise FineregError(
+                f"{len(attention)} attention vectors for {len(pairs)} feature layers; give one per layer"
+            )
         weights = list(attention)
+    return weights
+
+
+def _attention_penalty(pairs: list, weights: list[Tensor], channel_dim: ChannelDim) -> Tensor:
     total = None
     for (key, s, t), a in zip(pairs, weights):
         cdim = _channel_dim(t, channel_dim, key)
@@ -157,8 +182,8 @@ def attention_behavioral_penalty(
                 f"layer {key!r}: attention has shape {tuple(a.shape)} but the features "
                 f"{tuple(t.shape)} have {c} channels along dim {cdim}{hint}"
             )
-        diff = t - s.detach()
-        spatial = diff.numel() // (diff.shape[0] * c)
+        diff = _diff(s, t)
+        spatial = math.prod(t.shape[d] for d in range(t.dim()) if d not in (0, cdim))
         other = tuple(d for d in range(diff.dim()) if d != cdim)
         per_channel = torch.sum(diff * diff, dim=other)  # Σ over batch and positions, shape (c,)
         value = (0.5 * c / spatial) * torch.dot(per_channel, a.to(per_channel))
@@ -175,11 +200,13 @@ def _check_attention(attention: Tensor, where: str) -> Tensor:
     if not torch.is_floating_point(a):
         a = a.to(torch.get_default_dtype())
     if not torch.isfinite(a).all():
-        raise ValueError(
-            f"{where}: attention has NaN or inf values (tllib's standardization gives NaN when all "
-            f"channels have the same loss increase; finereg's gives uniform weights)"
+        raise FineregError(f"{where}: attention has NaN or inf values; recompute it (channel_attention)")
+    if (a < 0).any():
+        raise FineregError(
+            f"{where}: attention has negative weights (min {a.min().item():g}): a negative weight would reward "
+            "drifting away from the source features; attention weights are >= 0 (softmax outputs)"
         )
-    return a.detach().clone()
+    return a.detach()
 
 
 class BehavioralPenalty(nn.Module):
@@ -221,7 +248,7 @@ class AttentionBehavioralPenalty(nn.Module):
         self.channel_dim = channel_dim
         for i, v in enumerate(vectors):
             where = f"layer {self.layer_names[i]!r}" if self.layer_names else f"attention[{i}]"
-            self.register_buffer(f"attention_{i}", _check_attention(v, where))
+            self.register_buffer(f"attention_{i}", _check_attention(v, where).clone())
 
     @property
     def attention(self) -> list[Tensor]:
@@ -232,7 +259,8 @@ class AttentionBehavioralPenalty(nn.Module):
         att = self.attention
         if self.layer_names is not None:
             att = dict(zip(self.layer_names, att))
-        return attention_behavioral_penalty(source, target, att, self.channel_dim)
+        pairs = _feature_pairs(source, target)
+        return _attention_penalty(pairs, _weights_of(pairs, att), self.channel_dim)  # checked at construction
 
     def extra_repr(self) -> str:
         layers = self.layer_names if self.layer_names is not None else f"{len(self._buffers)} layers (by position)"

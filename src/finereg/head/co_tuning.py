@@ -68,11 +68,20 @@ def co_tuning_loss(source_logits: Tensor, target_probs: Tensor) -> Tensor:
     if not (isinstance(source_logits, Tensor) and isinstance(target_probs, Tensor)):
         raise TypeError("source_logits and target_probs must be tensors")
     if source_logits.dim() != 2 or source_logits.shape != target_probs.shape:
-        raise ValueError(
+        raise FineregError(
             "source_logits and target_probs must both be (batch, N_s) with the same shape, got "
             f"{tuple(source_logits.shape)} and {tuple(target_probs.shape)}"
         )
+    _refuse_empty(source_logits, "co_tuning_loss")
     return -(target_probs * F.log_softmax(source_logits, dim=-1)).sum(-1).mean()
+
+
+def _refuse_empty(logits: Tensor, what: str) -> None:
+    if logits.shape[0] == 0:
+        raise FineregError(
+            f"{what} got an empty batch: its batch mean is undefined; skip empty batches (e.g. DataLoader(..., "
+            "drop_last=True))"
+        )
 
 
 class CoTuningLoss(nn.Module):

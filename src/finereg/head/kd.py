@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError
+
 __all__ = ["kd_loss", "KnowledgeDistillation"]
 
 _REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -53,6 +55,11 @@ def kd_loss(
         )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
         raise ValueError(f"logits need a class dimension (the last one); got shape {tuple(student_logits.shape)}")
+    if student_logits.numel() == 0 and reduction in ("batchmean", "mean"):
+        raise FineregError(
+            f"kd_loss got an empty batch (logits of shape {tuple(student_logits.shape)}): its {reduction} is "
+            "undefined; skip empty batches (e.g. DataLoader(..., drop_last=True))"
+        )
     loss = F.kl_div(
         F.log_softmax(student_logits / T, dim=-1), F.softmax(teacher_logits / T, dim=-1), reduction=reduction
     )
