@@ -86,7 +86,7 @@ def loop_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.Tensor, label
     first, then the other classes, by concatenating queue slices), then its key is enqueued. Then, for each
     sample, its classifier-contrast row: its head row w_c against the updated feature queue, the same way.
     """
-    C, K, T = module.num_classes, module.K, module.T
+    C, K, T = module.num_classes, module.K, module.temperature
     y_q, z_q, h_q, rows_z = _projector_rows_loop(module, im_q, im_k, labels)
     w = _head_rows(module)
     rows_y = []
@@ -105,7 +105,7 @@ def tllib_structured_forward(module: BiTuning, im_q: torch.Tensor, im_k: torch.T
     """Reference with tllib's structure: the projector loop as above, but the classifier contrast first scores
     the whole feature queue against all C head rows at once (a (C·K) x C product), and the per-sample loop only
     picks each sample's column."""
-    C, K, T = module.num_classes, module.K, module.T
+    C, K, T = module.num_classes, module.K, module.temperature
     y_q, z_q, h_q, rows_z = _projector_rows_loop(module, im_q, im_k, labels)
     w = _head_rows(module)
     cur = h_q @ w.T

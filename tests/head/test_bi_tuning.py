@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finereg.head.bi_tuning import BiTuning, BiTuningClassifier, bi_tuning_loss
@@ -16,6 +17,12 @@ _BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bi_tuning.p
 _spec = importlib.util.spec_from_file_location("bench_bi_tuning", _BENCH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+
+
+def _objective(out, labels, trade_off=0.5):
+    """tllib's Bi-Tuning objective: CE + trade_off · the contrastive term."""
+    y_q, logits_z, logits_y, labels_c = out
+    return F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(logits_z, logits_y, labels_c)
 
 
 def golden_encoder(case):
@@ -36,7 +43,7 @@ def run_golden(model, case, encoder_q):
     close = dict(rtol=1e-6, atol=1e-8)
     for step in case["steps"]:
         y_q, logits_z, logits_y, labels_c = model(step["im_q"], step["im_k"], step["labels"])
-        loss = bi_tuning_loss(y_q, logits_z, logits_y, labels_c, step["labels"], trade_off=0.1)
+        loss = F.cross_entropy(y_q, step["labels"]) + 0.1 * bi_tuning_loss(logits_z, logits_y, labels_c)
         for ours, key in [
             (y_q, "y_q"),
             (logits_z, "logits_z"),
@@ -62,7 +69,7 @@ def test_golden_native(golden):
     case = golden["bi_tuning"]
     assert "CE(y_q, labels) + 0.1 *" in case["loss"] and "lr=0.1" in case["optimizer"]
     enc = golden_encoder(case)
-    model = BiTuning(enc, K=case["K"], m=case["m"], T=case["T"]).double()  # key encoder: a copy of enc
+    model = BiTuning(enc, K=case["K"], m=case["m"], temperature=case["T"]).double()  # key encoder: a copy of enc
     # the golden batches include one where all samples share a class (several keys of one class per step)
     assert any(len(set(s["labels"].tolist())) == 1 for s in case["steps"])
     run_golden(model, case, enc)
@@ -74,7 +81,7 @@ def small_model(C=3, K=2, F_=5, P=4, m=0.9, seed=0):
     with torch.no_grad():
         enc.head.weight.normal_()  # a non-trivial head (tllib's init is N(0, 0.01²))
         enc.head.bias.normal_()
-    return BiTuning(enc, num_classes=C, K=K, m=m, T=0.1).double().train()
+    return BiTuning(enc, num_classes=C, K=K, m=m, temperature=0.1).double().train()
 
 
 @pytest.mark.parametrize(
@@ -106,7 +113,7 @@ def test_matches_per_sample_loop_reference(labels):
         grads = []
         for model, out in zip((fast, ref), outs):
             model.encoder_q.zero_grad()
-            bi_tuning_loss(*out, labels, trade_off=0.5).backward()
+            _objective(out, labels).backward()
             grads.append([p.grad.clone() for p in model.encoder_q.parameters()])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b)
@@ -202,7 +209,7 @@ def test_bad_input():
 def _ddp_model():
     torch.manual_seed(0)
     enc = BiTuningClassifier(nn.Sequential(nn.Linear(6, 5), nn.Tanh()), 3, 4, features_dim=5).double()
-    return BiTuning(enc, num_classes=3, K=2, m=0.9, T=0.1).double().train()
+    return BiTuning(enc, num_classes=3, K=2, m=0.9, temperature=0.1).double().train()
 
 
 def _ddp_batches():
@@ -215,7 +222,7 @@ def _single_process_run():
     model = _ddp_model()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
     for x, y in _ddp_batches():
-        loss = bi_tuning_loss(*model(x, x + 0.05, y), y, trade_off=0.5)
+        loss = _objective(model(x, x + 0.05, y), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -235,7 +242,7 @@ def _ddp_worker(rank, world, tmp):
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
         for x, y in _ddp_batches():
             xs, ys = x[rank * 3 : (rank + 1) * 3], y[rank * 3 : (rank + 1) * 3]
-            loss = bi_tuning_loss(*ddp(xs, xs + 0.05, ys), ys, trade_off=0.5)
+            loss = _objective(ddp(xs, xs + 0.05, ys), ys)
             opt.zero_grad()
             loss.backward()
             opt.step()

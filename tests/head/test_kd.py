@@ -13,7 +13,7 @@ def test_golden_value_and_grad(golden):
     assert len(golden["kd"]) >= 2 and len({c["T"] for c in golden["kd"]}) >= 2  # several temperatures covered
     for case in golden["kd"]:
         student = case["student"].clone().requires_grad_(True)
-        value = KnowledgeDistillation(T=case["T"])(student, case["teacher"])
+        value = KnowledgeDistillation(temperature=case["T"])(student, case["teacher"])
         value.backward()
         torch.testing.assert_close(value.detach(), case["value"], rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(student.grad, case["grad"], rtol=1e-6, atol=1e-8)
@@ -54,8 +54,8 @@ def test_zero_when_student_equals_teacher():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="temperature T must be a positive"):
-        KnowledgeDistillation(T=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        KnowledgeDistillation(temperature=0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         KnowledgeDistillation(reduction="average")
     with pytest.raises(ValueError, match="same shape"):

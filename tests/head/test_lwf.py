@@ -157,8 +157,8 @@ def test_lwf_objective_starts_with_zero_distillation():
     lwf = split(src).train()
     x, y, idx = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
     y_s, y_t = lwf(x)
-    assert float(kd_loss(y_s.detach(), targets[idx], T=2.0)) == pytest.approx(0.0, abs=1e-7)
-    loss = F.cross_entropy(y_t, y) + kd_loss(y_s, targets[idx], T=2.0)
+    assert float(kd_loss(y_s.detach(), targets[idx], temperature=2.0)) == pytest.approx(0.0, abs=1e-7)
+    loss = F.cross_entropy(y_t, y) + kd_loss(y_s, targets[idx], temperature=2.0)
     loss.backward()
     assert lwf.head_target.weight.grad is not None
 

@@ -69,12 +69,12 @@ def test_keras_golden(keras_golden):
     cases = keras_golden["orthogonal"]
     assert len(cases) == 16
     for c in cases:
-        got = Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"])
+        got = Orthogonality(factor=c["factor"], mode=c["mode"])(c["matrix"])
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, c["value"], rtol=1e-5, atol=0)
         # the same number from a float64 computation
         torch.testing.assert_close(
-            Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"].double()),
+            Orthogonality(factor=c["factor"], mode=c["mode"])(c["matrix"].double()),
             c["value"].double(),
             rtol=1e-5,
             atol=0,
@@ -123,9 +123,9 @@ def test_tall_soft_orthogonality_uses_the_small_gram():
     assert shapes and not any(s[-2:] == (40, 40) for s in shapes if len(s) >= 2)
 
 
-def test_coef_scales_and_penalties_compose():
+def test_factor_scales_and_penalties_compose():
     w = torch.randn(4, 7, dtype=D, requires_grad=True)
-    total = SoftOrthogonality(coef=0.5)(w) + Orthogonality(coef=3.0)(w)
+    total = SoftOrthogonality(factor=0.5)(w) + Orthogonality(factor=3.0)(w)
     torch.testing.assert_close(total, 0.5 * naive_so(w) + 3.0 * naive_keras(w))
     total.backward()
     assert w.grad.abs().sum() > 0
@@ -148,7 +148,7 @@ def stage_model():
 def test_groups_batched_equal_a_per_layer_loop(cls):
     m = stage_model()
     groups = [WeightGroup(["0", "1", "2"], m, axis=None), WeightGroup(["3", "4", "5"], m, axis=None)]
-    pen = cls(groups, coef=0.7)
+    pen = cls(groups, factor=0.7)
     total = pen()
     mats = [mod.weight.reshape(mod.weight.shape[0], -1) for mod in list(m)[:5]]
     ct = m[5]
@@ -237,7 +237,7 @@ def test_callable_penalty_seed_function():
     parts = [nn.Conv2d(16, 1, 1, bias=False).double() for _ in range(4)]
     keras_kernel = torch.cat([p.weight.permute(2, 3, 1, 0) for p in parts], -1)  # (1, 1, 16, 4)
     seed_value = (keras_kernel * keras_kernel.flip(-1)).sum()  # the seed's reduce_sum(K * K[..., ::-1])
-    pen = CallablePenalty(lambda w: (w * w.flip(0)).sum(), WeightGroup(parts), coef=2.0)
+    pen = CallablePenalty(lambda w: (w * w.flip(0)).sum(), WeightGroup(parts), factor=2.0)
     torch.testing.assert_close(pen(), 2 * seed_value)
     pen().backward()
     assert all(p.weight.grad.abs().sum() > 0 for p in parts)
@@ -249,13 +249,13 @@ def test_callable_penalty_seed_function():
 
 def test_create_penalty_and_errors():
     w = torch.randn(3, 5, dtype=D)
-    assert isinstance(create_penalty("srip", coef=0.1, squared=True), SRIP)
+    assert isinstance(create_penalty("srip", factor=0.1, squared=True), SRIP)
     assert isinstance(create_penalty(lambda m: m.sum()), CallablePenalty)
-    torch.testing.assert_close(create_penalty("soft_orthogonal", coef=2.0)(w), 2 * naive_so(w))
+    torch.testing.assert_close(create_penalty("soft_orthogonal", factor=2.0)(w), 2 * naive_so(w))
     with pytest.raises(ValueError, match="did you mean 'srip'"):
         create_penalty("sirp")
-    with pytest.raises(ValueError, match="coef"):
-        SoftOrthogonality(coef=-1.0)
+    with pytest.raises(ValueError, match="factor must be a finite number >= 0"):
+        SoftOrthogonality(factor=-1.0)
     with pytest.raises(ValueError, match="mode"):
         Orthogonality(mode="filters")
     with pytest.raises(ValueError, match="2-D matrix"):

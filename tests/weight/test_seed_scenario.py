@@ -27,7 +27,7 @@ def data(n_batches=4, batch=4):
 
 def test_frozen_filters_stay_and_the_penalty_sees_them():
     conv = nn.Conv2d(1024, 10, 1, bias=False).double()
-    penalty = Orthogonality(WeightGroup(conv), coef=0.01)  # over all 10 filters
+    penalty = Orthogonality(WeightGroup(conv), factor=0.01)  # over all 10 filters
     frozen = torch.randperm(10)[:4].tolist()  # chosen at run time
     trainable = [i for i in range(10) if i not in frozen]
     start = conv.weight.detach().clone()
@@ -89,8 +89,8 @@ def test_penalty_over_three_separate_layers_equals_the_single_layer():
         for p, rows in zip(parts, (slice(0, 3), slice(3, 6), slice(6, 10))):
             p.weight.copy_(single.weight[rows])
     split_group = WeightGroup(parts)  # one 10 × 1024 matrix over 3 layers
-    pen_split = Orthogonality(split_group, coef=0.1)
-    pen_single = Orthogonality(WeightGroup(single), coef=0.1)
+    pen_split = Orthogonality(split_group, factor=0.1)
+    pen_single = Orthogonality(WeightGroup(single), factor=0.1)
     torch.testing.assert_close(pen_split(), pen_single(), rtol=1e-12, atol=0)
 
     # gradients reach every layer and equal the single layer's rows

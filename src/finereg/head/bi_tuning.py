@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, check_choice
+from .._checks import FineregError, check_choice, check_number
 from .._utils import class_ranks, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 
@@ -131,13 +131,18 @@ class BiTuningClassifier(nn.Module):
         return y, z, hn
 
 
-def bi_tuning_loss(
-    y_q: Tensor, logits_z: Tensor, logits_y: Tensor, labels_c: Tensor, labels: Tensor, trade_off: float = 1.0
-) -> Tensor:
-    """CE(y_q, labels) + trade_off · (KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)),
-    the objective of tllib's Bi-Tuning example (``logits_*`` are log-probabilities from :class:`BiTuning`)."""
-    kl = F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
-    return F.cross_entropy(y_q, labels) + trade_off * kl
+def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tensor:
+    """Bi-Tuning's contrastive term KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)
+    (``logits_*`` are the log-probabilities :class:`BiTuning` returns). Like every output loss here it carries no
+    coefficient: tllib's objective is ``F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(...)``."""
+    if logits_z.shape != labels_c.shape or logits_y.shape != labels_c.shape:
+        raise FineregError(
+            f"logits_z {tuple(logits_z.shape)}, logits_y {tuple(logits_y.shape)} and labels_c "
+            f"{tuple(labels_c.shape)} must have the same (batch, 1 + C·K) shape, as BiTuning returns them"
+        )
+    if labels_c.shape[0] == 0:
+        raise FineregError("bi_tuning_loss got an empty batch: its batch mean is undefined; skip empty batches")
+    return F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
 
 
 def _class_order(labels: Tensor, num_classes: int) -> Tensor:
@@ -179,7 +184,7 @@ class BiTuning(nn.Module):
         num_classes: C (default: ``encoder_q.head.out_features``).
         K: keys per class (default 40).
         m: momentum of the key encoder (default 0.999).
-        T: temperature (default 0.07).
+        temperature: T of the contrasts (default 0.07).
         gather_keys: under an initialized process group with several ranks, enqueue the keys of all ranks
             (all_gather, rank order), so every rank keeps the same queues (default True).
 
@@ -196,9 +201,9 @@ class BiTuning(nn.Module):
         encoder_q: nn.Module,
         encoder_k: nn.Module | None = None,
         num_classes: int | None = None,
-        K: int = 40,
+        K: int = 40,  # noqa: N803 -- the paper's name
         m: float = 0.999,
-        T: float = 0.07,
+        temperature: float = 0.07,
         *,
         gather_keys: bool = True,
     ):
@@ -230,8 +235,7 @@ class BiTuning(nn.Module):
             raise ValueError(f"K (keys per class) must be a positive int, got {K!r}")
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
-        if not T > 0:
-            raise ValueError(f"temperature T must be positive, got {T!r}")
+        temperature = check_number(temperature, "temperature", low=0, low_open=True)
         if encoder_k is None:
             encoder_k = copy.deepcopy(encoder_q)
         q_params, k_params = list(encoder_q.parameters()), list(encoder_k.parameters())
@@ -242,7 +246,7 @@ class BiTuning(nn.Module):
             for pq, pk in zip(q_params, k_params):
                 pk.copy_(pq)
                 pk.requires_grad_(False)
-        self.K, self.m, self.T, self.num_classes = K, float(m), float(T), num_classes
+        self.K, self.m, self.temperature, self.num_classes = K, float(m), temperature, num_classes
         self.gather_keys = gather_keys
         self.register_buffer("queue_h", F.normalize(torch.randn(inner.features_dim + 1, num_classes, K), dim=0))
         self.register_buffer("queue_z", F.normalize(torch.randn(inner.projection_dim, num_classes, K), dim=0))
@@ -266,7 +270,7 @@ class BiTuning(nn.Module):
         return param_groups(self, lr, self.param_parts(projector), pretrained_lr_mult=pretrained_lr_mult)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, K={self.K}, m={self.m}, T={self.T}"
+        return f"num_classes={self.num_classes}, K={self.K}, m={self.m}, temperature={self.temperature}"
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
@@ -330,7 +334,7 @@ class BiTuning(nn.Module):
         pos_z = (z_q * z_k).sum(1, keepdim=True)
         scores_z = (z_q @ queue_z.flatten(1)).view(b, C, K)
         logits_z = torch.cat([pos_z, scores_z.gather(1, order).flatten(1)], dim=1)
-        logits_z = F.log_softmax(logits_z / self.T, dim=1)
+        logits_z = F.log_softmax(logits_z / self.temperature, dim=1)
 
         keys_h, keys_z, key_labels = h_k, z_k, labels
         if self.gather_keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -345,7 +349,7 @@ class BiTuning(nn.Module):
         present, inverse = torch.unique(labels, return_inverse=True)  # score each class's row once
         scores_y = (w[present] @ self.queue_h.detach().flatten(1)).view(-1, C, K)[inverse]
         logits_y = torch.cat([pos_y, scores_y.gather(1, order).flatten(1)], dim=1)
-        logits_y = F.log_softmax(logits_y / self.T, dim=1)
+        logits_y = F.log_softmax(logits_y / self.temperature, dim=1)
 
         labels_c = logits_z.new_zeros(b, 1 + C * K)
         labels_c[:, : K + 1] = 1.0 / (K + 1)

@@ -7,7 +7,9 @@ classifier head) get plain weight decay::
 
     Ω(w) = α/2 · ‖w_S − w0_S‖²  +  β/2 · ‖w_new‖²
 
-L2 (:class:`L2`) is the second term alone over the chosen parameters: Ω(w) = α/2 · ‖w‖².
+L2 (:class:`L2`) is the second term alone over the chosen parameters: Ω(w) = factor/2 · ‖w‖². L2-SP keeps the
+paper's two coefficients α and β (README, Conventions); every other single-coefficient weight penalty calls its
+coefficient ``factor``.
 
 Two ways to apply the same penalty (the gradients agree to rounding, tested to 1e-6):
 
@@ -45,6 +47,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_number
 from .._select import Patterns, select_names
 from .._utils import close_matches, strip_prefixes, unwrap
 
@@ -99,12 +102,6 @@ def _chosen(names: list[str], include: Patterns, exclude: Patterns) -> list[str]
     if not chosen:
         raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
     return chosen
-
-
-def _coef(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{what} must be a finite number ≥ 0, got {value!r}")
-    return float(value)
 
 
 def _buffer_name(name: str) -> str:
@@ -336,8 +333,8 @@ class L2SP(_WeightPenalty):
         unanchored: Literal["l2", "ignore", "error"] = "l2",
         skip_frozen: bool = True,
     ):
-        alpha = _coef(alpha, "alpha")
-        beta = alpha if beta is None else _coef(beta, "beta")
+        alpha = check_number(alpha, "alpha", low=0)
+        beta = alpha if beta is None else check_number(beta, "beta", low=0)
         if unanchored not in ("l2", "ignore", "error"):
             raise ValueError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
         params = _named_params(model, "model")
@@ -394,14 +391,15 @@ class L2SP(_WeightPenalty):
 
 
 class L2(_WeightPenalty):
-    """Plain L2 penalty ``Ω(w) = α/2 · Σ ‖w‖²`` over the chosen parameters (tllib's L2Regularization with α = 1).
+    """Plain L2 penalty ``Ω(w) = factor/2 · Σ ‖w‖²`` over the chosen parameters (tllib's L2Regularization with
+    factor = 1).
 
-    The fused mode ``add_grad_()`` adds α·w to each ``.grad``, i.e. classic (coupled) weight decay restricted
+    The fused mode ``add_grad_()`` adds factor·w to each ``.grad``, i.e. classic (coupled) weight decay restricted
     to the chosen parameters.
 
     Args:
         model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine).
-        alpha: the coefficient α (default 1.0).
+        factor: the coefficient (default 1.0; Keras' name for a regularizer's single coefficient).
         include / exclude: glob patterns on canonical parameter names (see :class:`L2SP`).
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
     """
@@ -410,16 +408,21 @@ class L2(_WeightPenalty):
         self,
         model: nn.Module,
         *,
-        alpha: float = 1.0,
+        factor: float = 1.0,
         include: Patterns = None,
         exclude: Patterns = None,
         skip_frozen: bool = True,
     ):
-        alpha = _coef(alpha, "alpha")
+        factor = check_number(factor, "factor", low=0)
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)
-        super().__init__([], [(n, params[n]) for n in chosen], alpha, alpha, skip_frozen)
+        super().__init__([], [(n, params[n]) for n in chosen], factor, factor, skip_frozen)
+
+    @property
+    def factor(self) -> float:
+        """The coefficient of the penalty."""
+        return self.beta
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha:g}, params={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}"
+        return f"factor={self.factor:g}, params={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}"

@@ -1,8 +1,8 @@
 """Orthogonality penalties on weight matrices and weight groups (rows = output units).
 
 Every penalty is a small ``nn.Module`` with a coefficient. Bound to weight groups at construction
-(``SoftOrthogonality(group, coef=1e-4)()``) or called on a matrix / a group (``penalty(W)``), it returns a
-scalar: ``coef · Σ over matrices of value(W)``. A group joined along rows/columns contributes one matrix; a
+(``SoftOrthogonality(group, factor=1e-4)()``) or called on a matrix / a group (``penalty(W)``), it returns a
+scalar: ``factor · Σ over matrices of value(W)``. A group joined along rows/columns contributes one matrix; a
 group with ``axis=None`` contributes each member's matrix. All matrices of one call (from all groups) are
 bucketed by shape and evaluated batched (one ``bmm`` per shape, e.g. the identical blocks of a ResNet stage).
 
@@ -26,13 +26,13 @@ K = max(n, m). Orthogonality and MC need the n × n cosine matrix itself (absolu
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_number
 from .groups import WeightGroup
 
 __all__ = [
@@ -48,12 +48,6 @@ __all__ = [
 ]
 
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the norm floor of keras.ops.normalize
-
-
-def _check_coef(coef: float) -> float:
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-        raise ValueError(f"coef must be a finite non-negative number, got {coef!r}")
-    return float(coef)
 
 
 def _check_mode(mode: str) -> str:
@@ -140,7 +134,7 @@ def _as_groups(groups) -> list[WeightGroup]:
 
 
 class GroupPenalty(nn.Module):
-    """Base class: ``coef · Σ value(W)`` over the matrices of the bound groups or of the call's argument.
+    """Base class: ``factor · Σ value(W)`` over the matrices of the bound groups or of the call's argument.
 
     Subclasses implement :meth:`batch_value` mapping a batch of matrices (B, n, m) to their values (B,).
     Call with no argument to use the groups given at construction, or with a 2-D matrix (rows = output
@@ -148,11 +142,11 @@ class GroupPenalty(nn.Module):
     """
 
     def __init__(
-        self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, coef: float = 1.0
+        self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, factor: float = 1.0
     ):
         super().__init__()
         self.groups = _as_groups(groups)
-        self.coef = _check_coef(coef)
+        self.factor = check_number(factor, "factor", low=0)
 
     # -- to implement -------------------------------------------------------------------------------------
     def batch_value(self, w: Tensor, key: str) -> Tensor:  # pragma: no cover - abstract
@@ -201,10 +195,10 @@ class GroupPenalty(nn.Module):
             batch = torch.stack([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]].unsqueeze(0)
             v = self.batch_value(batch, f"{prefix}{len(idx)}_{shape[0]}x{shape[1]}").sum()
             total = v if total is None else total + v
-        return self.coef * total
+        return self.factor * total
 
     def extra_repr(self) -> str:
-        return f"coef={self.coef}, groups={len(self.groups)}"
+        return f"factor={self.factor}, groups={len(self.groups)}"
 
 
 class Orthogonality(GroupPenalty):
@@ -213,7 +207,7 @@ class Orthogonality(GroupPenalty):
     value(W) = ½ Σ_{i≠j} |ŵ_i · ŵ_j| / (n(n−1)/2), ŵ_i = w_i / max(‖w_i‖, 1e-7) (Keras's ``normalize``).
 
     Args:
-        coef: Keras's ``factor`` (Keras default 0.01; here 1.0 like every finereg penalty).
+        factor: the coefficient, Keras's ``factor`` (Keras default 0.01; here 1.0 like every finereg penalty).
         mode: ``"rows"`` (default): the output units (filters) are pushed apart; ``"columns"``: the columns.
             Our rows are output units; a Keras Dense/Conv kernel stores units in its *last* axis, so Keras's
             ``mode="columns"`` on a Keras kernel equals ``mode="rows"`` here (see ``finereg.compat.keras``).
@@ -221,8 +215,8 @@ class Orthogonality(GroupPenalty):
     A matrix with a single row (mode rows) has no pairs: Keras gives NaN (0/0), this gives 0.
     """
 
-    def __init__(self, groups=None, coef: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
-        super().__init__(groups, coef)
+    def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
+        super().__init__(groups, factor)
         self.mode = _check_mode(mode)
 
     def batch_value(self, w: Tensor, key: str) -> Tensor:
@@ -264,8 +258,8 @@ class MutualCoherence(GroupPenalty):
     single most coherent pair. A single row has no pair: value 0.
     """
 
-    def __init__(self, groups=None, coef: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
-        super().__init__(groups, coef)
+    def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
+        super().__init__(groups, factor)
         self.mode = _check_mode(mode)
 
     def batch_value(self, w: Tensor, key: str) -> Tensor:
@@ -297,9 +291,9 @@ class SRIP(GroupPenalty):
     """
 
     def __init__(
-        self, groups=None, coef: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
+        self, groups=None, factor: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
     ):
-        super().__init__(groups, coef)
+        super().__init__(groups, factor)
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
             raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
         self.n_power_iterations = n_power_iterations
@@ -359,16 +353,16 @@ class SRIP(GroupPenalty):
 
 
 class CallablePenalty(GroupPenalty):
-    """Any user function ``fn(matrix) -> scalar tensor``, applied to each matrix and summed, times coef.
+    """Any user function ``fn(matrix) -> scalar tensor``, applied to each matrix and summed, times factor.
 
     ``fn`` gets a 2-D matrix with one row per output unit (a joined group's matrix, or each member's).
     E.g. the seed's ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, coef: float = 1.0):
+    def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, factor: float = 1.0):
         if not callable(fn):
             raise TypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
-        super().__init__(groups, coef)
+        super().__init__(groups, factor)
         self.fn = fn
 
     def _one(self, m: Tensor) -> Tensor:
@@ -384,7 +378,7 @@ class CallablePenalty(GroupPenalty):
 
     def forward(self, target=None) -> Tensor:
         mats, _ = self._inputs(target)
-        return self.coef * sum((self._one(m) for m in mats[1:]), self._one(mats[0]))
+        return self.factor * sum((self._one(m) for m in mats[1:]), self._one(mats[0]))
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', type(self.fn).__name__)}, {super().extra_repr()}"
@@ -399,13 +393,13 @@ _KINDS: dict[str, type[GroupPenalty]] = {
 }
 
 
-def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, coef: float = 1.0, **kwargs) -> GroupPenalty:
+def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, factor: float = 1.0, **kwargs) -> GroupPenalty:
     """A penalty by name (``orthogonal``, ``soft_orthogonal``, ``double_soft_orthogonal``,
     ``mutual_coherence``, ``srip``) or from a callable (→ :class:`CallablePenalty`)."""
     if callable(kind) and not isinstance(kind, type):
-        return CallablePenalty(kind, groups, coef)
+        return CallablePenalty(kind, groups, factor)
     if not isinstance(kind, str) or kind not in _KINDS:
         near = difflib.get_close_matches(str(kind), list(_KINDS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
         raise ValueError(f"unknown penalty {kind!r}{hint} Choose one of {', '.join(_KINDS)}, or pass a callable")
-    return _KINDS[kind](groups, coef, **kwargs)
+    return _KINDS[kind](groups, factor, **kwargs)

@@ -62,4 +62,8 @@ class BiTuning(_BiTuning):
         m: float = 0.999,
         T: float = 0.07,  # noqa: N803
     ):
-        super().__init__(encoder_q, encoder_k, num_classes, K=K, m=m, T=T)
+        super().__init__(encoder_q, encoder_k, num_classes, K=K, m=m, temperature=T)
+
+    @property
+    def T(self) -> float:  # noqa: N802 -- tllib's attribute
+        return self.temperature

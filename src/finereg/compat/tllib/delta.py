@@ -58,7 +58,7 @@ class L2Regularization(L2):
     r"""tllib's ``L2Regularization(model)``: ``reg()`` = Σ over every parameter of 0.5·‖w‖² (frozen ones too)."""
 
     def __init__(self, model: nn.Module):
-        super().__init__(model, alpha=1.0, skip_frozen=False)
+        super().__init__(model, factor=1.0, skip_frozen=False)
         self.__dict__["model"] = model  # tllib's attribute; not registered, so it stays out of state_dict
 
 
