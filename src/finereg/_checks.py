@@ -16,6 +16,7 @@ from typing import Any
 __all__ = [
     "FineregError",
     "FineregTypeError",
+    "FineregIndexError",
     "UnknownNameError",
     "FineregWarning",
     "check_number",
@@ -34,6 +35,10 @@ class FineregError(ValueError):
 class FineregTypeError(FineregError, TypeError):
     """An argument of the wrong type (a string where a number belongs, a tensor where a module belongs ...). Also a
     ``TypeError``, the builtin type such errors had before, so code that catches that keeps working."""
+
+
+class FineregIndexError(FineregError, IndexError):
+    """An index out of range (e.g. an output unit a layer does not have). Also an ``IndexError``."""
 
 
 class FineregWarning(UserWarning):

@@ -12,7 +12,7 @@ from typing import IO
 import torch
 from torch import Tensor, nn
 
-from ._checks import UnknownNameError
+from ._checks import FineregError, FineregTypeError, UnknownNameError
 
 __all__ = [
     "unwrap",
@@ -125,14 +125,14 @@ def name_list(names: str | Iterable[str], what: str, example: str) -> list[str]:
     (after removing wrapper prefixes). ``what`` names the argument in the errors, ``example`` shows a valid one."""
     names = [names] if isinstance(names, str) else list(names)
     if not names:
-        raise ValueError(f"{what} is empty: give {example} (see model.named_modules())")
+        raise FineregError(f"{what} is empty: give {example} (see model.named_modules())")
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
-        raise TypeError(f"{what} must be str, got {bad!r}")
+        raise FineregTypeError(f"{what} must be str, got {bad!r}")
     stripped = [strip_prefixes(n) for n in names]
     dupes = sorted({n for n in stripped if stripped.count(n) > 1})
     if dupes:
-        raise ValueError(f"{what} given more than once: {dupes}")
+        raise FineregError(f"{what} given more than once: {dupes}")
     return names
 
 

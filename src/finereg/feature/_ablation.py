@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .._checks import FineregError
+from .._checks import FineregError, FineregTypeError
 from .._utils import get_submodule, name_list, strip_prefixes, unwrap
 from ._batches import _batch, _call, _LossFns, _repeat
 
@@ -58,7 +58,7 @@ def _resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> list[_Laye
         elif isinstance(m, nn.Linear):
             out.append(_Layer(name, strip_prefixes(name), m, m.out_features, -1))
         else:
-            raise TypeError(
+            raise FineregTypeError(
                 f"layer {name!r} is a {type(m).__name__}: channel attention removes output channel j "
                 f"by setting weight[j] = 0, which needs a layer with output channels (Conv1d/2d/3d "
                 f"with out_channels, or Linear with out_features)"
@@ -172,7 +172,7 @@ def _descendants(roots: list[torch.fx.Node], include_roots: bool = False) -> set
 def _check_eval(model: nn.Module) -> None:
     training = [n or "<model>" for n, m in unwrap(model).named_modules() if m.training]
     if training:
-        raise ValueError(
+        raise FineregError(
             f"channel attention needs the model in eval mode, as tllib runs it (model.eval()): in "
             f"training mode BatchNorm batch statistics and dropout would make the batched channel "
             f"ablations differ from one ablation at a time (and BatchNorm would update its running "

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._checks import FineregError
+from .._checks import FineregError, FineregTypeError
 
 Criterion = Callable[[Any, Any], Tensor]
 
@@ -28,7 +28,7 @@ def _call(model: Callable, inputs: Any) -> Any:
 def _batch_size(inputs: Any) -> int:
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.dim() > 0]
     if not leaves:
-        raise TypeError(
+        raise FineregTypeError(
             f"the inputs of a batch must be a tensor or a tuple/list/dict of tensors with a batch "
             f"dimension, got {type(inputs).__name__}"
         )
@@ -51,14 +51,14 @@ class _LossFns:
 
     def __init__(self, criterion: Criterion | None) -> None:
         if criterion is not None and not callable(criterion):
-            raise TypeError(f"criterion must be a callable (outputs, labels) -> scalar loss, got {criterion!r}")
+            raise FineregTypeError(f"criterion must be a callable (outputs, labels) -> scalar loss, got {criterion!r}")
         self.criterion = criterion if criterion is not None else _cross_entropy
         self._vmap_ok = True
 
     def __call__(self, outputs: Any, labels: Any) -> Tensor:
         loss = self.criterion(outputs, labels)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise ValueError(
+            raise FineregError(
                 f"criterion must return a scalar loss tensor (mean over the batch, as "
                 f"nn.CrossEntropyLoss()), got {type(loss).__name__} "
                 f"{tuple(loss.shape) if isinstance(loss, Tensor) else loss!r}"
@@ -85,7 +85,7 @@ class _LossFns:
 
 def _cross_entropy(outputs: Any, labels: Tensor) -> Tensor:
     if not isinstance(outputs, Tensor):
-        raise TypeError(
+        raise FineregTypeError(
             f"the default criterion (cross-entropy) needs the model to return a logits tensor, got "
             f"{type(outputs).__name__}; pass criterion=... that takes the model's output"
         )
@@ -94,7 +94,7 @@ def _cross_entropy(outputs: Any, labels: Tensor) -> Tensor:
 
 def _unpack(batch: Any, i: int) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(
+        raise FineregTypeError(
             f"batch {i}: expected an (inputs, labels) pair, got {type(batch).__name__}"
             f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}"
         )

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .._checks import FineregError, FineregTypeError
 from .._utils import get_submodule, unwrap
 from ._batches import Criterion, _call, _LossFns, _unpack
 
@@ -41,28 +42,27 @@ def train_attention_classifier(
     network). Defaults are tllib's DELTA script: 10 epochs, SGD(lr 0.01, momentum 0.9, Nesterov, weight decay 0),
     the learning rate × 0.1 every ``lr_decay_epochs`` = 6 epochs, decayed exponentially per epoch.
     Parameter flags and train/eval modes are restored afterwards.
-
-    Differs from tllib: its script sets ``classifier.backbone.requires_grad = False``, a plain attribute that freezes
-    nothing, so it trains the whole network (the backbone at 0.1·lr) in training mode; DELTA's paper and this
-    function train the head alone on frozen features.
+    How this differs from tllib's script: docs/feature_penalties.md.
     """
     if isinstance(head, str):
         head_module = get_submodule(model, head)
     elif isinstance(head, nn.Module):
         if not any(m is head for m in unwrap(model).modules()):
-            raise ValueError("head is not a submodule of model; pass the head module of this model or its name")
+            raise FineregError("head is not a submodule of model; pass the head module of this model or its name")
         head_module = head
     else:
-        raise TypeError(f"head must be a submodule name or an nn.Module, got {type(head).__name__}")
+        raise FineregTypeError(f"head must be a submodule name or an nn.Module, got {type(head).__name__}")
     head_params = list(head_module.parameters())
     if not head_params:
-        raise ValueError(f"head {head!r} has no parameters to train")
+        raise FineregError(f"head {head!r} has no parameters to train")
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        raise FineregError(f"epochs must be a positive int, got {epochs!r}")
     if not lr > 0 or not lr_decay_epochs > 0:
-        raise ValueError(f"lr and lr_decay_epochs must be positive, got lr={lr!r}, lr_decay_epochs={lr_decay_epochs!r}")
+        raise FineregError(
+            f"lr and lr_decay_epochs must be positive, got lr={lr!r}, lr_decay_epochs={lr_decay_epochs!r}"
+        )
     if iter(batches) is batches and epochs > 1:
-        raise TypeError("batches is a one-pass iterator but epochs > 1; pass a DataLoader or a list")
+        raise FineregTypeError("batches is a one-pass iterator but epochs > 1; pass a DataLoader or a list")
     loss_fn = _LossFns(criterion)
     root = unwrap(model)
     modes = {m: m.training for m in root.modules()}
@@ -88,7 +88,7 @@ def train_attention_classifier(
                 opt.step()
                 total, count = total + loss.item(), count + 1
             if count == 0:
-                raise ValueError("batches gave no (inputs, labels) pairs")
+                raise FineregError("batches gave no (inputs, labels) pairs")
             history.append(total / count)
             sched.step()
     finally:

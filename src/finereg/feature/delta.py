@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError
+from .._checks import FineregError, FineregTypeError
 from .._utils import unknown_name_error
 
 __all__ = [
@@ -50,7 +50,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, Tensor, Tensor]]:
     """``(key, source, target)`` per layer; the same layers (by name or by position) and shapes, or a clear error."""
     if isinstance(source, Mapping) != isinstance(target, Mapping):
-        raise TypeError(
+        raise FineregTypeError(
             "source and target features must both be mappings layer name -> tensor (e.g. the "
             "OrderedDicts of FeatureCapture.outputs) or both sequences of tensors; got "
             f"{type(source).__name__} and {type(target).__name__}"
@@ -58,7 +58,7 @@ def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, 
     if isinstance(source, Mapping):
         s_keys, t_keys = list(source), list(target)
         if set(s_keys) != set(t_keys):
-            raise ValueError(
+            raise FineregError(
                 f"source and target features come from different layers: only in source "
                 f"{[k for k in s_keys if k not in target]}, only in target "
                 f"{[k for k in t_keys if k not in source]}; capture the same layer names on both models"
@@ -66,25 +66,25 @@ def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, 
         pairs = [(k, source[k], target[k]) for k in t_keys]
     elif isinstance(source, Sequence) and not isinstance(source, (str, Tensor)):
         if len(source) != len(target):
-            raise ValueError(f"source has {len(source)} feature tensors and target {len(target)}; they must match")
+            raise FineregError(f"source has {len(source)} feature tensors and target {len(target)}; they must match")
         pairs = list(zip(range(len(target)), source, target))
     else:
-        raise TypeError(
+        raise FineregTypeError(
             f"features must be a mapping name -> tensor or a sequence of tensors, got {type(source).__name__}"
         )
     if not pairs:
-        raise ValueError(
+        raise FineregError(
             "no features given: did the capture hooks run (is the model forward called before the "
             "penalty, on a capture that is not closed)?"
         )
     for key, s, t in pairs:
         if not isinstance(s, Tensor) or not isinstance(t, Tensor):
-            raise TypeError(
+            raise FineregTypeError(
                 f"layer {key!r}: features must be tensors, got {type(s).__name__} and "
                 f"{type(t).__name__} (use a selector on the capture for tuple outputs)"
             )
         if s.shape != t.shape:
-            raise ValueError(
+            raise FineregError(
                 f"layer {key!r}: source features have shape {tuple(s.shape)} but target features "
                 f"{tuple(t.shape)}; they must be computed on the same inputs by the same architecture"
             )
@@ -93,16 +93,16 @@ def _feature_pairs(source: Features, target: Features) -> list[tuple[str | int, 
 
 def _channel_dim(fm: Tensor, channel_dim: ChannelDim, key: str | int) -> int:
     if fm.dim() < 2:
-        raise ValueError(
+        raise FineregError(
             f"layer {key!r}: features of shape {tuple(fm.shape)} have no batch and channel dimension; "
             f"expected (b, d), (b, tokens, d) or (b, c, *spatial)"
         )
     if channel_dim == "auto":
         return 2 if fm.dim() == 3 else 1
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be 'auto' or an int, got {channel_dim!r}")
+        raise FineregTypeError(f"channel_dim must be 'auto' or an int, got {channel_dim!r}")
     if not -fm.dim() <= channel_dim < fm.dim() or channel_dim % fm.dim() == 0:
-        raise ValueError(
+        raise FineregError(
             f"layer {key!r}: channel_dim={channel_dim} is not a non-batch dimension of features "
             f"of shape {tuple(fm.shape)}"
         )
@@ -178,7 +178,7 @@ def _attention_penalty(pairs: list, weights: list[Tensor], channel_dim: ChannelD
         a = torch.as_tensor(a)
         if a.dim() != 1 or a.numel() != c:
             hint = " ((b, tokens, d) features use the last dim; set channel_dim to change)" if t.dim() == 3 else ""
-            raise ValueError(
+            raise FineregError(
                 f"layer {key!r}: attention has shape {tuple(a.shape)} but the features "
                 f"{tuple(t.shape)} have {c} channels along dim {cdim}{hint}"
             )
@@ -194,7 +194,7 @@ def _attention_penalty(pairs: list, weights: list[Tensor], channel_dim: ChannelD
 def _check_attention(attention: Tensor, where: str) -> Tensor:
     a = torch.as_tensor(attention)
     if a.dim() != 1 or a.numel() == 0:
-        raise ValueError(
+        raise FineregError(
             f"{where}: attention must be a non-empty 1-D tensor of per-channel weights, got shape {tuple(a.shape)}"
         )
     if not torch.is_floating_point(a):
@@ -237,14 +237,14 @@ class AttentionBehavioralPenalty(nn.Module):
             self.layer_names = None
             vectors = list(attention)
         else:
-            raise TypeError(
+            raise FineregTypeError(
                 f"attention must be a mapping layer name -> tensor or a sequence of tensors, "
                 f"got {type(attention).__name__}"
             )
         if not vectors:
-            raise ValueError("attention is empty: give one per-channel weight vector per regularized layer")
+            raise FineregError("attention is empty: give one per-channel weight vector per regularized layer")
         if channel_dim != "auto" and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
-            raise TypeError(f"channel_dim must be 'auto' or an int, got {channel_dim!r}")
+            raise FineregTypeError(f"channel_dim must be 'auto' or an int, got {channel_dim!r}")
         self.channel_dim = channel_dim
         for i, v in enumerate(vectors):
             where = f"layer {self.layer_names[i]!r}" if self.layer_names else f"attention[{i}]"

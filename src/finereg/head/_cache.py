@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError
 from .._utils import atomic_write, unwrap
 
 __all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "cached"]
@@ -50,7 +51,7 @@ def _update_obj(h: hashlib._Hash, obj: Any) -> None:
 def module_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a module's class and its full state dict (names, dtypes, shapes, values)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module to fingerprint, got {type(model).__name__}")
+        raise FineregTypeError(f"expected an nn.Module to fingerprint, got {type(model).__name__}")
     model = unwrap(model)
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, t in model.state_dict().items():
@@ -71,7 +72,7 @@ def loader_fingerprint(loader: Iterable) -> str:
         _update_obj(h, batch)
         n += 1
     if n == 0:
-        raise ValueError("the data loader yielded no batches; give it a non-empty dataset")
+        raise FineregError("the data loader yielded no batches; give it a non-empty dataset")
     return h.hexdigest()
 
 

@@ -20,12 +20,10 @@ queues of keys from a momentum key encoder (MoCo style):
   both log-softmaxed; the contrastive target ``labels_c`` puts 1/(K+1) on the first K+1 entries (the
   positives). The training loss is CE(y_q, labels) + λ·(KL(labels_c‖logits_z) + KL(labels_c‖logits_y)).
 
-Negatives are ordered class 0..C-1 without c, K each, in queue order: tllib's layout, so its outputs and
-training trajectory are reproduced (golden test). Differences from tllib: no Python loop over samples (one
-gather over a (b, C, K) score tensor), any batch size (tllib asserts K % batch_size == 0, where its per-sample
-enqueue makes that assert vacuous; here a batch with more than K samples of a class keeps the last K of
-them, exactly what sequential enqueuing leaves), only the head rows of the batch's labels are scored against
-the queue, and DDP gathers keys from all ranks before enqueuing.
+Negatives are ordered class 0..C-1 without c, K each, in queue order (tllib's layout: its outputs and training
+trajectory are reproduced, golden test). Any batch size: a batch with more than K samples of a class keeps the
+last K of them, what sequential enqueuing leaves. Under DDP the keys of all ranks are gathered before enqueuing.
+How this differs from tllib's implementation, and its speed: docs/head_methods.md.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, check_choice, check_number
+from .._checks import FineregError, FineregTypeError, check_choice, check_number
 from .._utils import class_ranks, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 
@@ -73,18 +71,18 @@ class BiTuningClassifier(nn.Module):
     ):
         super().__init__()
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+            raise FineregTypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         for name, v in (("num_classes", num_classes), ("projection_dim", projection_dim)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise FineregError(f"{name} must be a positive int, got {v!r}")
         if bottleneck is not None:
             if not isinstance(bottleneck_dim, int) or bottleneck_dim < 1:
-                raise ValueError("a bottleneck needs bottleneck_dim (its output size) as a positive int")
+                raise FineregError("a bottleneck needs bottleneck_dim (its output size) as a positive int")
             features_dim = bottleneck_dim
         if features_dim is None:
             features_dim = getattr(backbone, "out_features", None)
             if not isinstance(features_dim, int):
-                raise ValueError(
+                raise FineregError(
                     "cannot tell the feature size: give features_dim=... (or a backbone with an "
                     "int attribute out_features)"
                 )
@@ -209,38 +207,38 @@ class BiTuning(nn.Module):
     ):
         super().__init__()
         if not isinstance(encoder_q, nn.Module):
-            raise TypeError(f"encoder_q must be an nn.Module, got {type(encoder_q).__name__}")
+            raise FineregTypeError(f"encoder_q must be an nn.Module, got {type(encoder_q).__name__}")
         inner = unwrap(encoder_q)
         head = getattr(inner, "head", None)
         if not isinstance(head, nn.Linear):
-            raise TypeError(
+            raise FineregTypeError(
                 "encoder_q.head must be an nn.Linear (the classifier, read by the contrast on "
                 "logits_y); use BiTuningClassifier"
             )
         for attr in ("features_dim", "projection_dim"):
             if not isinstance(getattr(inner, attr, None), int):
-                raise TypeError(f"encoder_q needs an int attribute {attr} (use BiTuningClassifier)")
+                raise FineregTypeError(f"encoder_q needs an int attribute {attr} (use BiTuningClassifier)")
         if num_classes is None:
             num_classes = head.out_features
         if not isinstance(num_classes, int) or num_classes < 1 or num_classes != head.out_features:
-            raise ValueError(
+            raise FineregError(
                 f"num_classes ({num_classes!r}) must be a positive int equal to the head's "
                 f"out_features ({head.out_features})"
             )
         if head.in_features != inner.features_dim:
-            raise ValueError(
+            raise FineregError(
                 f"encoder_q.features_dim ({inner.features_dim}) must match the head's in_features ({head.in_features})"
             )
         if not isinstance(K, int) or isinstance(K, bool) or K < 1:
-            raise ValueError(f"K (keys per class) must be a positive int, got {K!r}")
+            raise FineregError(f"K (keys per class) must be a positive int, got {K!r}")
         if not 0.0 <= m <= 1.0:
-            raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
+            raise FineregError(f"momentum m must be in [0, 1], got {m!r}")
         temperature = check_number(temperature, "temperature", low=0, low_open=True)
         if encoder_k is None:
             encoder_k = copy.deepcopy(encoder_q)
         q_params, k_params = list(encoder_q.parameters()), list(encoder_k.parameters())
         if len(q_params) != len(k_params) or any(a.shape != b.shape for a, b in zip(q_params, k_params)):
-            raise ValueError("encoder_k must have the same architecture (parameter shapes) as encoder_q")
+            raise FineregError("encoder_k must have the same architecture (parameter shapes) as encoder_q")
         self.encoder_q, self.encoder_k = encoder_q, encoder_k
         with torch.no_grad():
             for pq, pk in zip(q_params, k_params):
@@ -302,21 +300,21 @@ class BiTuning(nn.Module):
 
     def forward(self, im_q: Tensor, im_k: Tensor, labels: Tensor):
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
-            raise ValueError("labels must be a 1-D integer tensor")
+            raise FineregError("labels must be a 1-D integer tensor")
         b = labels.shape[0]
         if im_q.shape[0] != b or im_k.shape[0] != b:
-            raise ValueError(
+            raise FineregError(
                 f"im_q, im_k and labels must have the same batch size, got {im_q.shape[0]}, {im_k.shape[0]} and {b}"
             )
         if b and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
+            raise FineregError(
                 f"labels must be in 0..{self.num_classes - 1}, got range [{int(labels.min())}, {int(labels.max())}]"
             )
         labels = labels.long()
         C, K = self.num_classes, self.K
         out = self.encoder_q(im_q)
         if not (isinstance(out, tuple) and len(out) == 3):
-            raise ValueError(
+            raise FineregError(
                 "encoder_q must return (y, z, hn) (a BiTuningClassifier in training mode); for "
                 "predictions in eval mode call encoder_q directly"
             )

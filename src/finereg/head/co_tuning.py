@@ -20,8 +20,7 @@ model's predictions on the target training data:
            the inputs sum to one, so an intercept adds nothing) by minimizing
            mean CE + (λ/2)‖W‖², with λ chosen on a stratified held-out split by its negative log-likelihood;
         2. calibrate a temperature T > 0 on the held-out split: minimize its NLL of softmax(W p_s / T) over
-           log T (LBFGS). The paper's code multiplies the source logits by a fixed 0.8 instead; here the
-           temperature is learned;
+           log T (LBFGS);
         3. refit W on all the data with the chosen λ; p(y_t | y_s = s) = softmax(W e_s / T) (the model at the
            one-hot source class s);
         4. Bayes: p(y_s | y_t) ∝ p(y_t | y_s) · p(y_s), with the source marginal p(y_s) = mean of the source
@@ -66,7 +65,7 @@ DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 def co_tuning_loss(source_logits: Tensor, target_probs: Tensor) -> Tensor:
     """mean over the batch of −Σ_s target_probs[b, s] · log_softmax(source_logits)[b, s] (tllib's value)."""
     if not (isinstance(source_logits, Tensor) and isinstance(target_probs, Tensor)):
-        raise TypeError("source_logits and target_probs must be tensors")
+        raise FineregTypeError("source_logits and target_probs must be tensors")
     if source_logits.dim() != 2 or source_logits.shape != target_probs.shape:
         raise FineregError(
             "source_logits and target_probs must both be (batch, N_s) with the same shape, got "
@@ -95,30 +94,30 @@ class CoTuningLoss(nn.Module):
 def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None, what: str) -> int:
     """Validate (N, N_s) source outputs and (N,) labels; return N_t. Every class 0..N_t-1 needs a sample."""
     if not isinstance(source, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError(f"{what} and target_labels must be tensors")
+        raise FineregTypeError(f"{what} and target_labels must be tensors")
     if source.dim() != 2 or not source.is_floating_point():
-        raise ValueError(
+        raise FineregError(
             f"{what} must be a floating (N, N_s) tensor, got {source.dtype} of shape {tuple(source.shape)}"
         )
     if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise FineregError(
             f"target_labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
         )
     if len(labels) != len(source):
-        raise ValueError(f"{what} has {len(source)} rows but there are {len(labels)} target labels")
+        raise FineregError(f"{what} has {len(source)} rows but there are {len(labels)} target labels")
     if len(labels) == 0:
-        raise ValueError("no samples: the relationship needs at least one sample per target class")
+        raise FineregError("no samples: the relationship needs at least one sample per target class")
     if not torch.isfinite(source).all():
-        raise ValueError(f"{what} contains NaN or inf")
+        raise FineregError(f"{what} contains NaN or inf")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0:
-        raise ValueError(f"target labels must be >= 0, found {lo}")
+        raise FineregError(f"target labels must be >= 0, found {lo}")
     if num_target_classes is None:
         num_target_classes = hi + 1
     elif not isinstance(num_target_classes, int) or num_target_classes < 1:
-        raise ValueError(f"num_target_classes must be a positive int, got {num_target_classes!r}")
+        raise FineregError(f"num_target_classes must be a positive int, got {num_target_classes!r}")
     elif hi >= num_target_classes:
-        raise ValueError(
+        raise FineregError(
             f"target label {hi} is out of range for num_target_classes={num_target_classes} "
             f"(labels must be in 0..{num_target_classes - 1})"
         )
@@ -126,7 +125,7 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
         shown = empty[:10] + (["..."] if len(empty) > 10 else [])
-        raise ValueError(
+        raise FineregError(
             f"target class(es) {shown} have no sample, so p(y_s | y_t) is undefined for them; "
             "every class 0..N_t-1 needs at least one sample (check the labels / num_target_classes)"
         )
@@ -273,13 +272,13 @@ def reverse_relationship(
         (N_t, N_s) tensor, row i = p(y_s | y_t = i).
     """
     if inputs not in ("probabilities", "logits"):
-        raise ValueError(f"inputs must be 'probabilities' or 'logits', got {inputs!r}")
+        raise FineregError(f"inputs must be 'probabilities' or 'logits', got {inputs!r}")
     n_t = _check_inputs(source, target_labels, num_target_classes, f"source {inputs}")
     if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+        raise FineregError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
     grid = [float(v) for v in l2_grid]
     if not grid or any(not (v >= 0 and math.isfinite(v)) for v in grid):
-        raise ValueError(f"l2_grid must be a non-empty list of finite non-negative numbers, got {l2_grid!r}")
+        raise FineregError(f"l2_grid must be a non-empty list of finite non-negative numbers, got {l2_grid!r}")
     dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     p = source.detach().to(dtype)
     p = torch.softmax(p, dim=1) if inputs == "logits" else p
@@ -289,7 +288,7 @@ def reverse_relationship(
 
     hold = _stratified_split(y.cpu(), n_t, holdout_fraction, torch.Generator().manual_seed(seed)).to(p.device)
     if not hold.any():
-        raise ValueError(
+        raise FineregError(
             "no class has two or more samples, so nothing can be held out to choose the L2 "
             "strength and the temperature; give more samples or use direct_relationship"
         )
@@ -348,9 +347,9 @@ class CategoryRelationship(nn.Module):
     def __init__(self, relationship: Tensor):
         super().__init__()
         if not isinstance(relationship, Tensor) or relationship.dim() != 2 or not relationship.is_floating_point():
-            raise ValueError("relationship must be a floating (N_t, N_s) tensor")
+            raise FineregError("relationship must be a floating (N_t, N_s) tensor")
         if not torch.allclose(relationship.sum(1), torch.ones((), dtype=relationship.dtype), atol=1e-4):
-            raise ValueError("each row of the relationship must be a distribution over source classes (sum 1)")
+            raise FineregError("each row of the relationship must be a distribution over source classes (sum 1)")
         self.register_buffer("relationship", relationship.detach().clone())
 
     @property
@@ -364,9 +363,9 @@ class CategoryRelationship(nn.Module):
     def forward(self, labels: Tensor) -> Tensor:
         """Rows p(y_s | y_t = labels[b]), shape (b, N_s)."""
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
-            raise ValueError("labels must be a 1-D integer tensor")
+            raise FineregError("labels must be a 1-D integer tensor")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_target_classes):
-            raise ValueError(
+            raise FineregError(
                 f"target labels must be in 0..{self.num_target_classes - 1} (the relationship has "
                 f"{self.num_target_classes} target classes), got range "
                 f"[{int(labels.min())}, {int(labels.max())}]"
@@ -408,11 +407,11 @@ class CategoryRelationship(nn.Module):
         options; a rerun with the same inputs loads it without running the model.
         """
         if method not in ("direct", "reverse"):
-            raise ValueError(f"method must be 'direct' or 'reverse', got {method!r}")
+            raise FineregError(f"method must be 'direct' or 'reverse', got {method!r}")
         if method == "direct" and reverse_kwargs:
-            raise TypeError(f"unexpected options for the direct method: {sorted(reverse_kwargs)}")
+            raise FineregTypeError(f"unexpected options for the direct method: {sorted(reverse_kwargs)}")
         if data_key is not None and not isinstance(data_key, str):
-            raise TypeError("data_key must be a string")
+            raise FineregTypeError("data_key must be a string")
 
         def compute() -> dict:
             logits, labels = collect_source_outputs(model, loader, device)
@@ -451,11 +450,11 @@ class CoTuning(nn.Module):
 
     def forward(self, source_logits: Tensor, target_labels: Tensor) -> Tensor:
         if source_logits.dim() != 2 or source_logits.shape[1] != self.relationship.num_source_classes:
-            raise ValueError(
+            raise FineregError(
                 f"source_logits must be (batch, {self.relationship.num_source_classes}) to match the "
                 f"relationship's source classes, got {tuple(source_logits.shape)}"
             )
         if len(target_labels) != len(source_logits):
-            raise ValueError(f"{len(source_logits)} source outputs but {len(target_labels)} target labels")
+            raise FineregError(f"{len(source_logits)} source outputs but {len(target_labels)} target labels")
         target = self.relationship(target_labels).to(device=source_logits.device, dtype=source_logits.dtype)
         return co_tuning_loss(source_logits, target)

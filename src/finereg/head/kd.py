@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, check_bool, check_choice, check_number
+from .._checks import FineregError, FineregTypeError, check_bool, check_choice, check_number
 
 __all__ = ["kd_loss", "KnowledgeDistillation"]
 
@@ -45,14 +45,14 @@ def kd_loss(
     """
     T = _check_options(temperature, reduction)
     if not (isinstance(student_logits, Tensor) and isinstance(teacher_logits, Tensor)):
-        raise TypeError("student_logits and teacher_logits must be tensors")
+        raise FineregTypeError("student_logits and teacher_logits must be tensors")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise FineregError(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)}"
         )
     if student_logits.dim() < 1 or student_logits.shape[-1] < 1:
-        raise ValueError(f"logits need a class dimension (the last one); got shape {tuple(student_logits.shape)}")
+        raise FineregError(f"logits need a class dimension (the last one); got shape {tuple(student_logits.shape)}")
     if student_logits.numel() == 0 and reduction in ("batchmean", "mean"):
         raise FineregError(
             f"kd_loss got an empty batch (logits of shape {tuple(student_logits.shape)}): its {reduction} is "

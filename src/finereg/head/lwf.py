@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, check_choice
+from .._checks import FineregError, FineregTypeError, check_choice
 from .._utils import get_submodule, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
@@ -51,7 +51,7 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
         return nn.Linear(head_source.in_features, num_classes, bias=head_source.bias is not None)
     linears = [name for name, m in head_source.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise FineregError(
             f"cannot build a target head like {type(head_source).__name__}: it has no nn.Linear "
             "layer to resize; pass head_target=... explicitly"
         )
@@ -71,7 +71,7 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
 
 def _check_num_classes(num_classes: Any) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise FineregError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
 class LwFClassifier(nn.Module):
@@ -103,13 +103,13 @@ class LwFClassifier(nn.Module):
         super().__init__()
         for name, m in (("backbone", backbone), ("head_source", head_source)):
             if not isinstance(m, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+                raise FineregTypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         if head_target is None:
             if num_classes is None:
-                raise ValueError("give num_classes (to build a new target head) or head_target")
+                raise FineregError("give num_classes (to build a new target head) or head_target")
             head_target = new_head_like(head_source, num_classes)
         elif not isinstance(head_target, nn.Module):
-            raise TypeError(f"head_target must be an nn.Module, got {type(head_target).__name__}")
+            raise FineregTypeError(f"head_target must be an nn.Module, got {type(head_target).__name__}")
         elif num_classes is not None:
             _check_num_classes(num_classes)
         self.backbone = backbone
@@ -166,7 +166,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
+            raise FineregTypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -221,7 +221,7 @@ def record_source_predictions(
         float32 CPU tensor (N, C_s); N = number of samples.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise FineregTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
     forward = inner.source_logits if isinstance(inner, LwFClassifier) else None
 
@@ -242,7 +242,7 @@ def record_source_predictions(
     key = None
     if cache_dir is not None:
         if data_key is not None and not isinstance(data_key, str):
-            raise TypeError("data_key must be a string")
+            raise FineregTypeError("data_key must be a string")
         key = make_key(
             "lwf-source-predictions",
             module_fingerprint(model),

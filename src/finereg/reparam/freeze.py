@@ -11,11 +11,8 @@ entries of ``original``, and none of it shows). The gradient w.r.t. ``original``
 of ``weight`` at trainable entries and 0 at frozen ones, so trainable entries get exactly the update they
 would get without freezing (every torch optimizer here is element-wise). The buffers travel in
 ``state_dict``. The parameter object is kept (now ``module.parametrizations.weight.original``), so an
-optimizer built before ``freeze`` keeps working.
-
-Why not the usual answers: ``weight.data[i].requires_grad = False`` sets a flag on a temporary view and
-does nothing; a gradient hook zeroing the frozen gradient still lets weight decay (``wd · w`` is added to
-the gradient inside the optimizer) and momentum / Adam moments from earlier steps move the entries.
+optimizer built before ``freeze`` keeps working. (Why not ``requires_grad`` or a gradient hook:
+docs/weight_groups.md.)
 
 ``frozen`` is a bool mask of the parameter's shape, or a sequence of output-unit indices: rows of dim 0
 (Linear / Conv out channels, embedding rows, bias entries). For ConvTranspose weights (in, out/groups, k...)
@@ -37,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._checks import FineregError, FineregTypeError, check_type
+from .._checks import FineregError, FineregIndexError, FineregTypeError, check_type
 from .._utils import get_submodule, unknown_name_error, unwrap
 from ..weight.groups import matrix_to_weight, matrix_view
 from ._parametrize import index_of, refuse_ddp, register, remove
@@ -55,7 +52,7 @@ class PartialFreeze(nn.Module):
     def __init__(self, mask: Tensor, values: Tensor):
         super().__init__()
         if mask.dtype != torch.bool or mask.shape != values.shape:
-            raise ValueError("PartialFreeze needs a bool mask of the same shape as values")
+            raise FineregError("PartialFreeze needs a bool mask of the same shape as values")
         self.register_buffer("mask", mask.clone())
         self.register_buffer("values", values.detach().clone())
 
@@ -101,11 +98,11 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
     try:
         idx = torch.as_tensor(units)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen must be a bool mask or a sequence of output-unit indices, got {type(units).__name__}"
         ) from e
     if idx.dim() != 1 or (idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex())):
-        raise TypeError(
+        raise FineregTypeError(
             f"output-unit indices must be a 1-D sequence of ints, got {idx.dtype} of shape {tuple(idx.shape)}"
         )
     idx = idx.long()
@@ -116,7 +113,7 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
         n_units = mat.shape[0]
     bad = idx[(idx < -n_units) | (idx >= n_units)]
     if bad.numel():
-        raise IndexError(
+        raise FineregIndexError(
             f"output-unit index {int(bad[0])} is out of range for {name} with {n_units} output units "
             f"(valid: 0..{n_units - 1}, or negative from the end)"
         )
@@ -127,20 +124,22 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
 def _make_mask(module: nn.Module, name: str, like: Tensor, frozen) -> Tensor:
     if isinstance(frozen, Tensor) and frozen.dtype == torch.bool:
         if frozen.shape != like.shape:
-            raise ValueError(
+            raise FineregError(
                 f"frozen mask has shape {tuple(frozen.shape)} but {name} has shape {tuple(like.shape)}; "
                 "pass a bool mask of the parameter's shape, or a list of output-unit indices"
             )
         return frozen.to(like.device)
     if isinstance(frozen, Tensor) and frozen.shape == like.shape and like.dim() > 1:
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen mask must have dtype torch.bool (True = frozen), got {frozen.dtype}; "
             "use mask.bool() (or mask != 0)"
         )
     if isinstance(frozen, Tensor) and frozen.is_floating_point():
-        raise TypeError(f"frozen must be a bool mask or integer output-unit indices, got a {frozen.dtype} tensor")
+        raise FineregTypeError(
+            f"frozen must be a bool mask or integer output-unit indices, got a {frozen.dtype} tensor"
+        )
     if not isinstance(frozen, (Tensor, Sequence, range)) or isinstance(frozen, str):
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen must be a bool mask of the parameter's shape or a sequence of output-unit indices, "
             f"got {type(frozen).__name__}"
         )
@@ -207,7 +206,7 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
         value = plist[i](_stage_input(module, name, i))  # what the freezing stage outputs now
         for inner in reversed(list(plist)[:i]):
             if not hasattr(inner, "right_inverse"):
-                raise ValueError(
+                raise FineregError(
                     f"cannot unfreeze {type(module).__name__}.{name}: freezing sits after {type(inner).__name__}, "
                     "which has no right_inverse to write the frozen values through. Remove the other "
                     "parametrizations first (torch.nn.utils.parametrize.remove_parametrizations(module, name) "
@@ -215,7 +214,7 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
                 )
             value = inner.right_inverse(value)
             if not isinstance(value, Tensor):
-                raise ValueError(
+                raise FineregError(
                     f"{type(inner).__name__}.right_inverse returns several tensors; cannot unfreeze through it"
                 )
         plist.original.copy_(value)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_bool
+from .._checks import FineregError, check_bool
 from .._select import select_modules
 from .._utils import unwrap
 from ._parametrize import refuse_ddp
@@ -64,20 +64,20 @@ def batchnorm_to_groupnorm(
     divisible. Returns a :class:`ConversionReport`.
     """
     if (num_groups is None) == (channels_per_group is None):
-        raise ValueError(
+        raise FineregError(
             "give exactly one of num_groups and channels_per_group "
             "(e.g. num_groups=32, or num_groups=None, channels_per_group=16)"
         )
     for label, v in (("num_groups", num_groups), ("channels_per_group", channels_per_group)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{label} must be a positive int, got {v!r}")
+            raise FineregError(f"{label} must be a positive int, got {v!r}")
     if eps is not None and not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+        raise FineregError(f"eps must be a positive number, got {eps!r}")
     check_bool(strict, "strict")
     refuse_ddp(model, "batchnorm_to_groupnorm")
     root = unwrap(model)
     if isinstance(root, _BN):
-        raise ValueError(
+        raise FineregError(
             "model is itself a BatchNorm layer; it cannot be replaced in place. "
             "Build nn.GroupNorm directly or pass the model that contains it"
         )
@@ -90,14 +90,14 @@ def batchnorm_to_groupnorm(
         if num_groups is not None:
             g = num_groups
             if c % g:
-                raise ValueError(
+                raise FineregError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by num_groups={g}; "
                     f"group counts that divide {c} near {g}: {_divisors_near(c, g)} "
                     "(or pass channels_per_group=..., or exclude this layer)"
                 )
         else:
             if c % channels_per_group:
-                raise ValueError(
+                raise FineregError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by channels_per_group="
                     f"{channels_per_group}; divisors of {c} near it: {_divisors_near(c, channels_per_group)}"
                 )

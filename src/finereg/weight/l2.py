@@ -34,8 +34,8 @@ regularizer was not, each anchor moves to its parameter's device and dtype on th
 
 Frozen parameters (``requires_grad=False``) are skipped by default (``skip_frozen=True``), checked at every
 call, so gradual unfreezing works: a frozen weight's penalty is a constant that would only shift the
-logged value, and the fused mode must not create a ``.grad`` an optimizer would then apply. tllib counts
-every parameter in the value; :mod:`finereg.compat.tllib` passes ``skip_frozen=False`` to match it.
+logged value, and the fused mode must not create a ``.grad`` an optimizer would then apply
+(``skip_frozen=False`` counts them).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_number
+from .._checks import FineregError, FineregTypeError, UnknownNameError, check_number
 from .._select import Patterns, select_names
 from .._utils import close_matches, strip_prefixes, unwrap
 
@@ -69,7 +69,7 @@ def canonical_name(name: str) -> str:
 
 def _named_params(model: nn.Module, what: str) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
+        raise FineregTypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
     out: dict[str, Tensor] = {}
     for name, p in unwrap(model).named_parameters():
         out.setdefault(canonical_name(name), p)
@@ -83,10 +83,12 @@ def _anchor_tensors(anchor: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
         out = {}
         for name, t in anchor.items():
             if not isinstance(t, Tensor):
-                raise TypeError(f"anchor[{name!r}] is a {type(t).__name__}, not a tensor; pass a model or a state_dict")
+                raise FineregTypeError(
+                    f"anchor[{name!r}] is a {type(t).__name__}, not a tensor; pass a model or a state_dict"
+                )
             out.setdefault(canonical_name(str(name)), t)
         return out
-    raise TypeError(
+    raise FineregTypeError(
         f"anchor must be a source model, a state_dict (name → tensor) or None (snapshot the model), "
         f"got {type(anchor).__name__}"
     )
@@ -95,12 +97,12 @@ def _anchor_tensors(anchor: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
 def _chosen(names: list[str], include: Patterns, exclude: Patterns) -> list[str]:
     """The parameter names kept by the ``include`` / ``exclude`` glob patterns, in model order."""
     if not names:
-        raise ValueError("the model has no parameters to regularize")
+        raise FineregError("the model has no parameters to regularize")
     chosen = select_names(names, include, "include", "parameter") if include is not None else names
     dropped = set(select_names(names, exclude, "exclude", "parameter"))
     chosen = [n for n in chosen if n not in dropped]
     if not chosen:
-        raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
+        raise FineregError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
     return chosen
 
 
@@ -121,7 +123,7 @@ class _HalfSquaredDistance(torch.autograd.Function):
 
     Autograd of the same expression would keep a graph of ~3 nodes per tensor; here the forward is one
     ``_foreach_sub`` + ``_foreach_norm`` and the backward one in-place ``_foreach_mul_`` of the saved
-    differences (measured ~1.7× faster than the autograd version on a ResNet-50, see the benchmark).
+    differences (``benchmarks/bench_l2sp_fused.py`` measures it).
     First-order only (``once_differentiable``).
     """
 
@@ -168,7 +170,7 @@ class _WeightPenalty(nn.Module):
     ):
         super().__init__()
         if not isinstance(skip_frozen, bool):
-            raise TypeError(f"skip_frozen must be True or False, got {skip_frozen!r}")
+            raise FineregTypeError(f"skip_frozen must be True or False, got {skip_frozen!r}")
         self.alpha, self.beta, self.skip_frozen = alpha, beta, skip_frozen
         self.anchors = nn.Module()  # buffers: in state_dict, follow .to()
         for name, _, a in anchored:
@@ -196,7 +198,7 @@ class _WeightPenalty(nn.Module):
         name = canonical_name(name)
         if name not in self._anchored_names:
             near = close_matches(name, self._anchored_names)
-            raise KeyError(
+            raise UnknownNameError(
                 f"no anchor for {name!r}" + (f"; did you mean one of: {', '.join(map(repr, near))}?" if near else "")
             )
         return self.anchors.get_buffer(_buffer_name(name))
@@ -251,7 +253,7 @@ class _WeightPenalty(nn.Module):
         gets a new ``.grad``; parameters with ``requires_grad=False`` are never touched.
         """
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a number, got {scale!r}")
+            raise FineregTypeError(f"scale must be a number, got {scale!r}")
         pa, aa, pu = self._active()
         pa_i = [i for i, p in enumerate(pa) if p.requires_grad]  # never create a grad on a frozen tensor
         if len(pa_i) != len(pa):
@@ -295,7 +297,7 @@ class L2SP(_WeightPenalty):
         model: the model being fine-tuned (may be wrapped in DDP / DataParallel or ``torch.compile``d).
         anchor: the starting point w0: the source (pretrained) model, or its ``state_dict`` (name → tensor),
             or ``None`` to snapshot ``model``'s own parameters now (call before training). Copied at
-            construction (a detached clone; tllib keeps a view that would follow later edits of the source).
+            construction (a detached clone, which later edits of the source do not move).
         alpha: α, the coefficient of the pull towards the anchors (default 1.0: tllib's value).
         beta: β, the coefficient of plain L2 on parameters without an anchor (default: same as ``alpha``).
         include: glob patterns (``fnmatch`` on canonical names, e.g. ``"layer4.*"``); only matching parameters
@@ -304,7 +306,7 @@ class L2SP(_WeightPenalty):
         new_params: glob patterns of parameters that are new in the target although the anchor holds a tensor
             of that name (a replaced classifier head ``"fc.*"`` of another size): treated as unanchored.
         unanchored: what happens to a penalized parameter with no anchor: ``"l2"`` (β/2·‖w‖², the paper),
-            ``"ignore"`` (left out) or ``"error"`` (raise, listing them; tllib raises a KeyError).
+            ``"ignore"`` (left out) or ``"error"`` (raise, listing them).
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
 
     Raises:
@@ -336,7 +338,7 @@ class L2SP(_WeightPenalty):
         alpha = check_number(alpha, "alpha", low=0)
         beta = alpha if beta is None else check_number(beta, "beta", low=0)
         if unanchored not in ("l2", "ignore", "error"):
-            raise ValueError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
+            raise FineregError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)
@@ -356,7 +358,7 @@ class L2SP(_WeightPenalty):
             else:
                 anchored.append((n, params[n], anchors[n]))
         if bad_shape:
-            raise ValueError(
+            raise FineregError(
                 "anchor tensors have a different shape than the model's parameters of the same name:\n  "
                 + "\n  ".join(bad_shape)
                 + "\nA replaced layer (e.g. a new classifier head) is new: pass "
@@ -364,7 +366,7 @@ class L2SP(_WeightPenalty):
             )
         if not anchored and anchor is not None:
             an = list(anchors)
-            raise ValueError(
+            raise FineregError(
                 "no parameter of the model matched a tensor of the anchor by name.\n  model: "
                 + ", ".join(chosen[:8])
                 + (" ..." if len(chosen) > 8 else "")
@@ -378,7 +380,7 @@ class L2SP(_WeightPenalty):
             for n in missing[:10]:
                 near = close_matches(n, list(anchors), n=3)
                 lines.append(f"{n}" + (f" (anchor has: {', '.join(near)})" if near else ""))
-            raise KeyError(
+            raise UnknownNameError(
                 "no anchor for these parameters: "
                 + "; ".join(lines)
                 + (" ..." if len(missing) > 10 else "")
@@ -386,7 +388,7 @@ class L2SP(_WeightPenalty):
             )
         unanch = [(n, params[n]) for n in missing] if unanchored == "l2" else []
         if not anchored and not unanch:
-            raise ValueError("no parameter is left to regularize (all unanchored and unanchored='ignore')")
+            raise FineregError("no parameter is left to regularize (all unanchored and unanchored='ignore')")
         super().__init__(anchored, unanch, alpha, beta, skip_frozen)
 
 

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_number
+from .._checks import FineregError, FineregTypeError, check_number
 from .groups import WeightGroup
 
 __all__ = [
@@ -52,7 +52,7 @@ KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the norm floor of keras.ops.nor
 
 def _check_mode(mode: str) -> str:
     if mode not in ("rows", "columns"):
-        raise ValueError(f"mode must be 'rows' (output units) or 'columns', got {mode!r}")
+        raise FineregError(f"mode must be 'rows' (output units) or 'columns', got {mode!r}")
     return mode
 
 
@@ -122,13 +122,15 @@ def _as_groups(groups) -> list[WeightGroup]:
     if isinstance(groups, (WeightGroup, nn.Module)):
         groups = [groups]
     if not isinstance(groups, Sequence):
-        raise TypeError(f"groups must be a WeightGroup, a module, or a sequence of them; got {type(groups).__name__}")
+        raise FineregTypeError(
+            f"groups must be a WeightGroup, a module, or a sequence of them; got {type(groups).__name__}"
+        )
     out = []
     for g in groups:
         if isinstance(g, nn.Module):
             g = WeightGroup(g)
         if not isinstance(g, WeightGroup):
-            raise TypeError(f"groups must hold WeightGroup objects (or modules), got {type(g).__name__}")
+            raise FineregTypeError(f"groups must hold WeightGroup objects (or modules), got {type(g).__name__}")
         out.append(g)
     return out
 
@@ -157,14 +159,14 @@ class GroupPenalty(nn.Module):
     def _inputs(self, target) -> tuple[list[Tensor], str]:
         if target is None:
             if not self.groups:
-                raise ValueError(
+                raise FineregError(
                     f"{type(self).__name__} has no groups: construct it with a WeightGroup "
                     "(or a module) or call it on a matrix / WeightGroup"
                 )
             return [m for g in self.groups for m in g.penalty_inputs()], "g"
         if isinstance(target, Tensor):
             if target.dim() != 2:
-                raise ValueError(
+                raise FineregError(
                     f"a penalty takes a 2-D matrix (rows = output units), got shape {tuple(target.shape)}; for a "
                     "layer's weight use WeightGroup(module) or finereg.weight.groups.weight_matrix(module)"
                 )
@@ -212,7 +214,7 @@ class Orthogonality(GroupPenalty):
             Our rows are output units; a Keras Dense/Conv kernel stores units in its *last* axis, so Keras's
             ``mode="columns"`` on a Keras kernel equals ``mode="rows"`` here (see ``finereg.compat.keras``).
 
-    A matrix with a single row (mode rows) has no pairs: Keras gives NaN (0/0), this gives 0.
+    A matrix with a single row (mode rows) has no pairs: its value is 0 (docs/weight_groups.md compares with Keras).
     """
 
     def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
@@ -284,10 +286,9 @@ class SRIP(GroupPenalty):
     σ is estimated by power iteration on the symmetric A = G − I without forming G (A v = W(Wᵀv) − v, or
     Wᵀ(Wv) − v): a persistent unit vector per matrix (a buffer, saved in ``state_dict``) takes
     ``n_power_iterations`` steps v ← A v / ‖A v‖ per call in training mode (none in eval mode, except for
-    a vector just created), then
-    σ = ‖A v‖ with v held constant, whose gradient is that of σ once v has converged (as in
-    ``torch.nn.utils.parametrizations.spectral_norm``). The authors restart from a random vector each step
-    with two products; persistence gives a better estimate for less work.
+    a vector just created), then σ = ‖A v‖ with v held constant, whose gradient is that of σ once v has
+    converged (as in ``torch.nn.utils.parametrizations.spectral_norm``). The authors' code restarts from a random
+    vector each step instead (docs/weight_groups.md).
     """
 
     def __init__(
@@ -295,7 +296,7 @@ class SRIP(GroupPenalty):
     ):
         super().__init__(groups, factor)
         if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
-            raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
+            raise FineregError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
         self.n_power_iterations = n_power_iterations
         self.squared = bool(squared)
         self.eps = float(eps)
@@ -356,12 +357,12 @@ class CallablePenalty(GroupPenalty):
     """Any user function ``fn(matrix) -> scalar tensor``, applied to each matrix and summed, times factor.
 
     ``fn`` gets a 2-D matrix with one row per output unit (a joined group's matrix, or each member's).
-    E.g. the seed's ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
+    E.g. ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
     """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, factor: float = 1.0):
         if not callable(fn):
-            raise TypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
+            raise FineregTypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
         super().__init__(groups, factor)
         self.fn = fn
 
@@ -369,7 +370,7 @@ class CallablePenalty(GroupPenalty):
         v = self.fn(m)
         if not isinstance(v, Tensor) or v.numel() != 1:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise TypeError(f"the penalty function must return a scalar tensor, got {got}")
+            raise FineregTypeError(f"the penalty function must return a scalar tensor, got {got}")
         return v.reshape(())
 
     def values(self, target=None) -> Tensor:
@@ -401,5 +402,5 @@ def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, factor: 
     if not isinstance(kind, str) or kind not in _KINDS:
         near = difflib.get_close_matches(str(kind), list(_KINDS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-        raise ValueError(f"unknown penalty {kind!r}{hint} Choose one of {', '.join(_KINDS)}, or pass a callable")
+        raise FineregError(f"unknown penalty {kind!r}{hint} Choose one of {', '.join(_KINDS)}, or pass a callable")
     return _KINDS[kind](groups, factor, **kwargs)

@@ -1,9 +1,8 @@
 """``tllib.regularization.co_tuning``: the classifier, ``CoTuningLoss`` and ``Relationship``.
 
-tllib's ``__all__``: ``Classifier``, ``CoTuningLoss``, ``Relationship``. Differences from tllib (all deliberate,
-docs/head_methods.md): the relationship is computed in one vectorized pass, without a progress bar; the cache is
-written atomically at exactly the given path (tllib's ``np.save`` appends ``.npy`` to a path without that
-suffix, so such a cache was never found again).
+tllib's ``__all__``: ``Classifier``, ``CoTuningLoss``, ``Relationship``. The relationship is computed in one
+vectorized pass and its cache written atomically at exactly the given path; the differences from tllib are listed
+in docs/head_methods.md.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..._checks import FineregTypeError
 from ...feature.attention import attention_from_importance, channel_importance
 from ...feature.capture import FeatureCapture
 from ...feature.delta import AttentionBehavioralPenalty, behavioral_penalty
@@ -68,7 +69,7 @@ class SPRegularization(L2SP):
 
     def __init__(self, source_model: nn.Module, target_model: nn.Module):
         if not isinstance(source_model, nn.Module):
-            raise TypeError(f"source_model must be an nn.Module, got {type(source_model).__name__}")
+            raise FineregTypeError(f"source_model must be an nn.Module, got {type(source_model).__name__}")
         super().__init__(target_model, anchor=source_model, alpha=1.0, unanchored="error", skip_frozen=False)
         self.__dict__["target_model"] = target_model
 
