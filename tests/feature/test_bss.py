@@ -111,7 +111,7 @@ def test_errors():
         BSS()([[1.0, 2.0], [3.0, 4.0]])
     for k in (0, 1.5, True, "1"):
         with pytest.raises(
-            ValueError, match=r"k \(how many of the smallest singular values to shrink\) must be an int ≥ 1"
+            ValueError, match=r"k \(how many of the smallest singular values to shrink\) must be an int"
         ):
             BSS(k)
     with pytest.raises(ValueError, match=r"unknown BSS method 'eig'; choose one of 'auto', 'gram'"):

@@ -191,11 +191,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="call encoder_q directly"):
         model(x, x, torch.tensor([0, 1]))
     enc = model.encoder_q
-    with pytest.raises(ValueError, match="K .keys per class. must be a positive int"):
+    with pytest.raises(ValueError, match="K .keys per class. must be an integer >= 1"):
         BiTuning(enc, K=0)
     with pytest.raises(ValueError, match="equal to the head's out_features"):
         BiTuning(enc, num_classes=5)
-    with pytest.raises(ValueError, match="momentum m must be in"):
+    with pytest.raises(ValueError, match=r"momentum\) must be a finite number >= 0 and <= 1, got 1.5"):
         BiTuning(enc, m=1.5)
     with pytest.raises(ValueError, match="same architecture"):
         BiTuning(enc, BiTuningClassifier(nn.Linear(6, 7), 3, 4, features_dim=7))

@@ -167,7 +167,7 @@ def test_bad_input():
     src = tiny_pretrained()
     with pytest.raises(ValueError, match="give num_classes"):
         LwFClassifier(src[:2], src[2])
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         LwFClassifier(src[:2], src[2], num_classes=0)
     with pytest.raises(TypeError, match="backbone must be an nn.Module"):
         LwFClassifier(lambda x: x, src[2], num_classes=3)

@@ -547,7 +547,7 @@ def test_errors():
         standardize(model, include=3)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         standardize("resnet")
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"eps \(it keeps a constant unit finite\) must be a finite number > 0"):
         standardize(model, eps=0.0)
     with pytest.raises(ValueError, match="lazy module.*run one forward pass"):
         standardize(nn.Sequential(nn.LazyConv2d(4, 3)))

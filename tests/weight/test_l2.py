@@ -358,7 +358,7 @@ def test_errors():
         L2SP(target, alpha=-1)
     with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         L2SP(target, beta=float("nan"))
-    with pytest.raises(ValueError, match="unanchored must be 'l2'"):
+    with pytest.raises(ValueError, match="unanchored must be one of 'l2', 'ignore', 'error', got 'zero'"):
         L2SP(target, unanchored="zero")
     with pytest.raises(TypeError, match="anchor must be a source model, a state_dict"):
         L2SP(target, anchor=[1, 2])
@@ -368,7 +368,7 @@ def test_errors():
         L2(torch.zeros(3))
     with pytest.raises(ValueError, match="no parameters to regularize"):
         L2(nn.ReLU())
-    with pytest.raises(TypeError, match="scale must be a number"):
+    with pytest.raises(TypeError, match="scale must be a finite number, got .2."):
         L2(target).add_grad_(scale="2")
     with pytest.raises(KeyError, match=r"no anchor for '0\.wieght'.*'0\.weight'"):
         L2SP(target).anchor("0.wieght")

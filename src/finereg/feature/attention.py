@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, check_number
+from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._utils import unwrap
 from ._ablation import _exact_increase, _resolve_layers, _taylor_increase
 from ._batches import Criterion, _LossFns
@@ -68,16 +68,12 @@ def channel_importance(
     """
     model = unwrap(model)  # DDP / compile wrappers: evaluate the module itself (no gradient sync, hooks always run)
     resolved = _resolve_layers(model, layers)
-    if method not in ("exact", "taylor"):
-        raise FineregError(f"method must be 'exact' or 'taylor', got {method!r}")
-    if strategy not in ("auto", "split", "hook"):
-        raise FineregError(f"strategy must be 'auto', 'split' or 'hook', got {strategy!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise FineregError(f"chunk_size must be a positive int (ablations per forward), got {chunk_size!r}")
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise FineregError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    check_choice(method, "method", ("exact", "taylor"))
+    check_choice(strategy, "strategy", ("auto", "split", "hook"))
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size (ablations per forward)", low=1)
+    if max_batches is not None:
+        max_batches = check_int(max_batches, "max_batches", low=1)
     if isinstance(batches, (Tensor, str)) or not isinstance(batches, Iterable):
         raise FineregTypeError(
             f"batches must be an iterable of (inputs, labels) pairs (a DataLoader, a list), "

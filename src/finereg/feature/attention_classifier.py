@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .._checks import FineregError, FineregTypeError
+from .._checks import FineregError, FineregTypeError, check_int, check_number
 from .._utils import get_submodule, unwrap
 from ._batches import Criterion, _call, _LossFns, _unpack
 
@@ -55,12 +55,9 @@ def train_attention_classifier(
     head_params = list(head_module.parameters())
     if not head_params:
         raise FineregError(f"head {head!r} has no parameters to train")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise FineregError(f"epochs must be a positive int, got {epochs!r}")
-    if not lr > 0 or not lr_decay_epochs > 0:
-        raise FineregError(
-            f"lr and lr_decay_epochs must be positive, got lr={lr!r}, lr_decay_epochs={lr_decay_epochs!r}"
-        )
+    epochs = check_int(epochs, "epochs", low=1)
+    check_number(lr, "lr", low=0, low_open=True)
+    check_number(lr_decay_epochs, "lr_decay_epochs", low=0, low_open=True)
     if iter(batches) is batches and epochs > 1:
         raise FineregTypeError("batches is a one-pass iterator but epochs > 1; pass a DataLoader or a list")
     loss_fn = _LossFns(criterion)

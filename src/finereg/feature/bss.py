@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError
+from .._checks import FineregError, FineregTypeError, check_int
 
 __all__ = ["batch_spectral_shrinkage", "BSS", "BSS_METHODS"]
 
@@ -74,8 +74,9 @@ def _check(features: Tensor, k: int, method: str) -> None:
 
 
 def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise FineregError(f"BSS k (how many of the smallest singular values to shrink) must be an int ≥ 1, got {k!r}")
+    if isinstance(k, float):  # check_int accepts 2.0; k counts singular values, an int is expected
+        raise FineregTypeError(f"BSS k (how many of the smallest singular values to shrink) must be an int, got {k!r}")
+    check_int(k, "BSS k (how many of the smallest singular values to shrink)", low=1)
 
 
 def _gram(features: Tensor, k: int) -> Tensor:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, check_choice, check_number
+from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._utils import class_ranks, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 
@@ -72,13 +72,10 @@ class BiTuningClassifier(nn.Module):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise FineregTypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        for name, v in (("num_classes", num_classes), ("projection_dim", projection_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise FineregError(f"{name} must be a positive int, got {v!r}")
+        num_classes = check_int(num_classes, "num_classes", low=1)
+        projection_dim = check_int(projection_dim, "projection_dim", low=1)
         if bottleneck is not None:
-            if not isinstance(bottleneck_dim, int) or bottleneck_dim < 1:
-                raise FineregError("a bottleneck needs bottleneck_dim (its output size) as a positive int")
-            features_dim = bottleneck_dim
+            features_dim = check_int(bottleneck_dim, "bottleneck_dim (the bottleneck's output size)", low=1)
         if features_dim is None:
             features_dim = getattr(backbone, "out_features", None)
             if not isinstance(features_dim, int):
@@ -229,10 +226,8 @@ class BiTuning(nn.Module):
             raise FineregError(
                 f"encoder_q.features_dim ({inner.features_dim}) must match the head's in_features ({head.in_features})"
             )
-        if not isinstance(K, int) or isinstance(K, bool) or K < 1:
-            raise FineregError(f"K (keys per class) must be a positive int, got {K!r}")
-        if not 0.0 <= m <= 1.0:
-            raise FineregError(f"momentum m must be in [0, 1], got {m!r}")
+        K = check_int(K, "K (keys per class)", low=1)
+        m = check_number(m, "m (the key encoder's momentum)", low=0, high=1)
         temperature = check_number(temperature, "temperature", low=0, low_open=True)
         if encoder_k is None:
             encoder_k = copy.deepcopy(encoder_q)

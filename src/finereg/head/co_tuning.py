@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, check_choice
+from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._utils import class_ranks, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
 from ._source import source_outputs
@@ -114,9 +114,7 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
         raise FineregError(f"target labels must be >= 0, found {lo}")
     if num_target_classes is None:
         num_target_classes = hi + 1
-    elif not isinstance(num_target_classes, int) or num_target_classes < 1:
-        raise FineregError(f"num_target_classes must be a positive int, got {num_target_classes!r}")
-    elif hi >= num_target_classes:
+    elif check_int(num_target_classes, "num_target_classes", low=1) <= hi:
         raise FineregError(
             f"target label {hi} is out of range for num_target_classes={num_target_classes} "
             f"(labels must be in 0..{num_target_classes - 1})"
@@ -274,8 +272,7 @@ def reverse_relationship(
     if inputs not in ("probabilities", "logits"):
         raise FineregError(f"inputs must be 'probabilities' or 'logits', got {inputs!r}")
     n_t = _check_inputs(source, target_labels, num_target_classes, f"source {inputs}")
-    if not 0 < holdout_fraction < 1:
-        raise FineregError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    check_number(holdout_fraction, "holdout_fraction", low=0, high=1, low_open=True, high_open=True)
     grid = [float(v) for v in l2_grid]
     if not grid or any(not (v >= 0 and math.isfinite(v)) for v in grid):
         raise FineregError(f"l2_grid must be a non-empty list of finite non-negative numbers, got {l2_grid!r}")

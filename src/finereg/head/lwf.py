@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, check_choice
+from .._checks import FineregError, FineregTypeError, check_choice, check_int
 from .._utils import get_submodule, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
@@ -70,8 +70,7 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _check_num_classes(num_classes: Any) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise FineregError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_int(num_classes, "num_classes", low=1)
 
 
 class LwFClassifier(nn.Module):

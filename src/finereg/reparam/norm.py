@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import FineregError, check_bool
+from .._checks import FineregError, check_bool, check_int, check_number
 from .._select import select_modules
 from .._utils import unwrap
 from ._parametrize import refuse_ddp
@@ -69,10 +69,10 @@ def batchnorm_to_groupnorm(
             "(e.g. num_groups=32, or num_groups=None, channels_per_group=16)"
         )
     for label, v in (("num_groups", num_groups), ("channels_per_group", channels_per_group)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise FineregError(f"{label} must be a positive int, got {v!r}")
-    if eps is not None and not (isinstance(eps, (int, float)) and eps > 0):
-        raise FineregError(f"eps must be a positive number, got {eps!r}")
+        if v is not None:
+            check_int(v, label, low=1)
+    if eps is not None:
+        check_number(eps, "eps", low=0, low_open=True)
     check_bool(strict, "strict")
     refuse_ddp(model, "batchnorm_to_groupnorm")
     root = unwrap(model)

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, check_bool, check_choice, check_type
+from .._checks import FineregError, check_bool, check_choice, check_number, check_type
 from .._select import select_modules
 from .._utils import unwrap
 from ._parametrize import index_of, refuse_ddp, register, remove
@@ -193,8 +193,7 @@ class WeightStandardization(nn.Module):
                 "(in_channels must be divisible by groups)"
             )
         eps = VARIANTS[variant] if eps is None else eps
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise FineregError(f"eps must be a finite number > 0 (it keeps a constant unit finite), got {eps!r}")
+        check_number(eps, "eps (it keeps a constant unit finite)", low=0, low_open=True)
         self.variant, self.eps, self.transposed = variant, float(eps), bool(transposed)
         self.groups = groups if transposed else 1
         self.weight_shape = shape

@@ -47,7 +47,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, UnknownNameError, check_number
+from .._checks import FineregError, FineregTypeError, UnknownNameError, check_bool, check_choice, check_number
 from .._select import Patterns, select_names
 from .._utils import close_matches, strip_prefixes, unwrap
 
@@ -169,8 +169,7 @@ class _WeightPenalty(nn.Module):
         skip_frozen: bool,
     ):
         super().__init__()
-        if not isinstance(skip_frozen, bool):
-            raise FineregTypeError(f"skip_frozen must be True or False, got {skip_frozen!r}")
+        check_bool(skip_frozen, "skip_frozen")
         self.alpha, self.beta, self.skip_frozen = alpha, beta, skip_frozen
         self.anchors = nn.Module()  # buffers: in state_dict, follow .to()
         for name, _, a in anchored:
@@ -252,8 +251,7 @@ class _WeightPenalty(nn.Module):
         Call after ``loss.backward()`` and before ``optimizer.step()``. A parameter whose ``.grad`` is None
         gets a new ``.grad``; parameters with ``requires_grad=False`` are never touched.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise FineregTypeError(f"scale must be a number, got {scale!r}")
+        check_number(scale, "scale")
         pa, aa, pu = self._active()
         pa_i = [i for i, p in enumerate(pa) if p.requires_grad]  # never create a grad on a frozen tensor
         if len(pa_i) != len(pa):
@@ -337,8 +335,7 @@ class L2SP(_WeightPenalty):
     ):
         alpha = check_number(alpha, "alpha", low=0)
         beta = alpha if beta is None else check_number(beta, "beta", low=0)
-        if unanchored not in ("l2", "ignore", "error"):
-            raise FineregError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
+        check_choice(unanchored, "unanchored", ("l2", "ignore", "error"))
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, FineregTypeError, check_number
+from .._checks import FineregError, FineregTypeError, check_int, check_number
 from .groups import WeightGroup
 
 __all__ = [
@@ -295,8 +295,7 @@ class SRIP(GroupPenalty):
         self, groups=None, factor: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
     ):
         super().__init__(groups, factor)
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
-            raise FineregError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
+        check_int(n_power_iterations, "n_power_iterations", low=0)
         self.n_power_iterations = n_power_iterations
         self.squared = bool(squared)
         self.eps = float(eps)
