@@ -273,3 +273,17 @@ def test_ddp_keys_of_all_ranks_enter_queues(tmp_path):
         assert torch.equal(res["queue_ptr"], expected.queue_ptr)
         for k, v in expected.encoder_q.state_dict().items():
             torch.testing.assert_close(res["encoder_q"][k], v)
+
+
+def test_bi_tuning_loss_is_the_sum_of_the_two_kl_divergences():
+    g = torch.Generator().manual_seed(0)
+    lz = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1).requires_grad_()
+    ly = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1).requires_grad_()
+    lc = torch.zeros(6, 9, dtype=torch.float64)
+    lc[:, :3] = 1 / 3
+    value = bi_tuning_loss(lz, ly, lc)
+    expected = F.kl_div(lz, lc, reduction="batchmean") + F.kl_div(ly, lc, reduction="batchmean")
+    torch.testing.assert_close(value, expected, rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(value, [lz, ly]), torch.autograd.grad(expected, [lz, ly]), rtol=1e-13, atol=0
+    )

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._utils import class_ranks, unwrap
 from ..lr_policy import ROLES, Role, param_groups
+from ._contrast import contrast_log_softmax
 
 __all__ = ["BiTuningClassifier", "BiTuning", "bi_tuning_loss"]
 
@@ -129,22 +130,22 @@ class BiTuningClassifier(nn.Module):
 def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tensor:
     """Bi-Tuning's contrastive term KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)
     (``logits_*`` are the log-probabilities :class:`BiTuning` returns). Like every output loss here it carries no
-    coefficient: tllib's objective is ``F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(...)``."""
-    if logits_z.shape != labels_c.shape or logits_y.shape != labels_c.shape:
+    coefficient: tllib's objective is ``F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(...)``.
+
+    KL(t ‖ ·) of a batch is (Σ t·log t − Σ t·logits) / b: the entropy part is computed once for both terms and each
+    cross part is one dot product (``F.kl_div`` gives the same value, to rounding, in several passes).
+    """
+    if logits_z.shape != labels_c.shape or logits_y.shape != labels_c.shape or labels_c.dim() != 2:
         raise FineregError(
             f"logits_z {tuple(logits_z.shape)}, logits_y {tuple(logits_y.shape)} and labels_c "
             f"{tuple(labels_c.shape)} must have the same (batch, 1 + C·K) shape, as BiTuning returns them"
         )
-    if labels_c.shape[0] == 0:
+    b = labels_c.shape[0]
+    if b == 0:
         raise FineregError("bi_tuning_loss got an empty batch: its batch mean is undefined; skip empty batches")
-    return F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
-
-
-def _class_order(labels: Tensor, num_classes: int) -> Tensor:
-    """(b, C) index: row i = [c_i, 0, 1, ..., c_i − 1, c_i + 1, ..., C − 1] (positives first, then negatives)."""
-    j = torch.arange(num_classes, device=labels.device)[None, :]
-    c = labels[:, None]
-    return torch.where(j == 0, c, torch.where(j <= c, j - 1, j))
+    t = labels_c.reshape(-1)
+    cross = torch.dot(t, logits_z.reshape(-1).to(t.dtype)) + torch.dot(t, logits_y.reshape(-1).to(t.dtype))
+    return (2 * torch.xlogy(t, t).sum() - cross) / b
 
 
 def _gather_from_all_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -318,16 +319,15 @@ class BiTuning(nn.Module):
             self._momentum_update_key_encoder()
             _, z_k, h_k = self.encoder_k(im_k)
 
-        order = _class_order(labels, C)[:, :, None].expand(b, C, K)
+        inv_t = 1.0 / self.temperature  # folded into the small operands of the two queue products
 
         # projector contrast against the queue as it was before this batch
         queue_z = self.queue_z.detach()
         if z_q.requires_grad:  # autograd keeps the operand; the in-place enqueue below must not change it
             queue_z = queue_z.clone()
-        pos_z = (z_q * z_k).sum(1, keepdim=True)
-        scores_z = (z_q @ queue_z.flatten(1)).view(b, C, K)
-        logits_z = torch.cat([pos_z, scores_z.gather(1, order).flatten(1)], dim=1)
-        logits_z = F.log_softmax(logits_z / self.temperature, dim=1)
+        pos_z = (z_q * z_k).sum(1) * inv_t
+        scores_z = (z_q * inv_t) @ queue_z.flatten(1)  # (b, C·K)
+        logits_z = contrast_log_softmax(pos_z, scores_z, labels, C)
 
         keys_h, keys_z, key_labels = h_k, z_k, labels
         if self.gather_keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -336,13 +336,12 @@ class BiTuning(nn.Module):
 
         # classifier contrast (head rows detached) against the queue after this batch
         head = unwrap(self.encoder_q).head
-        bias = head.bias.detach() if head.bias is not None else head.weight.new_zeros(C)
-        w = F.normalize(torch.cat([head.weight.detach(), bias[:, None]], dim=1), dim=1)  # (C, F+1)
-        pos_y = (h_q * w[labels]).sum(1, keepdim=True)
-        present, inverse = torch.unique(labels, return_inverse=True)  # score each class's row once
-        scores_y = (w[present] @ self.queue_h.detach().flatten(1)).view(-1, C, K)[inverse]
-        logits_y = torch.cat([pos_y, scores_y.gather(1, order).flatten(1)], dim=1)
-        logits_y = F.log_softmax(logits_y / self.temperature, dim=1)
+        present, inverse = torch.unique(labels, return_inverse=True)  # each present class's row, once
+        bias = head.bias.detach()[present] if head.bias is not None else head.weight.new_zeros(len(present))
+        w = F.normalize(torch.cat([head.weight.detach()[present], bias[:, None]], dim=1), dim=1)  # (u, F+1)
+        pos_y = (h_q * w[inverse]).sum(1) * inv_t
+        scores_y = (w * inv_t) @ self.queue_h.detach().flatten(1)  # (u, C·K)
+        logits_y = contrast_log_softmax(pos_y, scores_y, labels, C, rows=inverse)
 
         labels_c = logits_z.new_zeros(b, 1 + C * K)
         labels_c[:, : K + 1] = 1.0 / (K + 1)
