@@ -287,3 +287,15 @@ def test_bi_tuning_loss_is_the_sum_of_the_two_kl_divergences():
     torch.testing.assert_close(
         torch.autograd.grad(value, [lz, ly]), torch.autograd.grad(expected, [lz, ly]), rtol=1e-13, atol=0
     )
+
+
+def test_training_step_under_bfloat16_autocast():
+    enc = BiTuningClassifier(nn.Linear(16, 8), 5, 4, features_dim=8)
+    model = BiTuning(enc, K=3).train()
+    x, y = torch.randn(6, 16), torch.randint(0, 5, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_q, logits_z, logits_y, labels_c = model(x, x + 0.01, y)
+        loss = F.cross_entropy(y_q, y) + bi_tuning_loss(logits_z, logits_y, labels_c)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(enc.projector.weight.grad).all() and enc.projector.weight.grad.abs().sum() > 0

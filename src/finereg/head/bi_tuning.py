@@ -133,7 +133,8 @@ def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tens
     coefficient: tllib's objective is ``F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(...)``.
 
     KL(t ‖ ·) of a batch is (Σ t·log t − Σ t·logits) / b: the entropy part is computed once for both terms and each
-    cross part is one dot product (``F.kl_div`` gives the same value, to rounding, in several passes).
+    cross part is one dot product (``F.kl_div`` gives the same value, to rounding, in several passes); float16 /
+    bfloat16 inputs are summed in float32.
     """
     if logits_z.shape != labels_c.shape or logits_y.shape != labels_c.shape or labels_c.dim() != 2:
         raise FineregError(
@@ -143,8 +144,11 @@ def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tens
     b = labels_c.shape[0]
     if b == 0:
         raise FineregError("bi_tuning_loss got an empty batch: its batch mean is undefined; skip empty batches")
-    t = labels_c.reshape(-1)
-    cross = torch.dot(t, logits_z.reshape(-1).to(t.dtype)) + torch.dot(t, logits_y.reshape(-1).to(t.dtype))
+    dtype = torch.promote_types(torch.promote_types(logits_z.dtype, logits_y.dtype), labels_c.dtype)
+    if dtype in (torch.float16, torch.bfloat16):  # sums of b·(1 + C·K) terms: accumulate in float32
+        dtype = torch.float32
+    t = labels_c.reshape(-1).to(dtype)
+    cross = torch.dot(t, logits_z.reshape(-1).to(dtype)) + torch.dot(t, logits_y.reshape(-1).to(dtype))
     return (2 * torch.xlogy(t, t).sum() - cross) / b
 
 
