@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from finereg.reparam.freeze import freeze
 from finereg.weight.groups import WeightGroup
 from finereg.weight.orthogonal import (
     SRIP,
@@ -282,3 +283,24 @@ def test_analytic_gradient_supports_double_backward(penalty, naive, shape):
         (g,) = torch.autograd.grad(fn(w), w, create_graph=True)
         hvp.append(torch.autograd.grad((g * v).sum(), w)[0])
     torch.testing.assert_close(hvp[0], hvp[1], rtol=1e-10, atol=1e-12)
+
+
+def test_soft_orthogonality_pushes_trainable_filters_away_from_frozen_ones(one_thread):
+    D = torch.float64
+    conv = nn.Conv2d(1024, 10, 1, bias=False).double()
+    with torch.no_grad():  # three frozen orthonormal filters
+        q, _ = torch.linalg.qr(torch.randn(1024, 3, dtype=D))
+        conv.weight[:3] = q.T.reshape(3, 1024, 1, 1)
+    freeze(conv, "weight", [0, 1, 2])
+    penalty = SoftOrthogonality(WeightGroup(conv))
+    opt = torch.optim.SGD(conv.parameters(), lr=0.05, momentum=0.5)
+    w = conv.weight.reshape(10, -1)
+    cross0 = (w[3:] @ w[:3].T).abs().max().item()
+    for _ in range(60):
+        opt.zero_grad()
+        penalty().backward()
+        opt.step()
+    w = conv.weight.reshape(10, -1)
+    assert torch.equal(w[:3], q.T)
+    assert (w[3:] @ w[:3].T).abs().max().item() < 1e-3 * cross0  # pushed away from the frozen filters
+    torch.testing.assert_close(w @ w.T, torch.eye(10, dtype=D), atol=1e-4, rtol=0)
