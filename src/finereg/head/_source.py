@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from .._checks import FineregError, FineregTypeError
 from .._utils import get_submodule, unwrap
 
-__all__ = ["SourceOutputs", "source_outputs", "batch_parts", "classifier_name", "split_classifier"]
+__all__ = [
+    "SourceOutputs",
+    "source_outputs",
+    "collect_source_outputs",
+    "batch_parts",
+    "classifier_name",
+    "split_classifier",
+]
 
 
 # ---------------------------------------------------------------------------------------------- source outputs
@@ -106,6 +113,22 @@ def source_outputs(
     if not outs:
         raise FineregError("the data loader yielded no batches; give it a non-empty dataset")
     return SourceOutputs(torch.cat(outs), torch.cat(labels) if labels else None, torch.cat(idxs) if idxs else None)
+
+
+def collect_source_outputs(
+    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """The pretrained (source) classifier's logits and the target labels over a loader of ``(x, y, ...)``
+    batches (:func:`~finereg.head._source.source_outputs`: eval mode, ``no_grad``, mode restored). Returns the
+    (N, N_s) CPU logits in the model's dtype and the (N,) int64 labels."""
+    got = source_outputs(model, loader, device=device)
+    if got.labels is None:
+        raise FineregTypeError("the loader must yield (inputs, labels, ...) batches: the relationship needs labels")
+    if got.outputs.dim() != 2:
+        raise FineregError(
+            f"the source classifier must return (batch, N_s) logits in eval mode, got shape {tuple(got.outputs.shape)}"
+        )
+    return got.outputs, got.labels
 
 
 # -------------------------------------------------------------------------------------------- classifier split

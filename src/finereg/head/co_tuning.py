@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._utils import class_ranks, unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
-from ._source import source_outputs
+from ._source import collect_source_outputs
 
 __all__ = [
     "co_tuning_loss",
@@ -311,23 +311,6 @@ def reverse_relationship(
     if not return_details:
         return relationship
     return ReverseFit(relationship, target_given_source, source_marginal, w_all, best, temperature, nll, calibrated)
-
-
-# ------------------------------------------------------------------------------------- data collection
-def collect_source_outputs(
-    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor]:
-    """The pretrained (source) classifier's logits and the target labels over a loader of ``(x, y, ...)``
-    batches (:func:`~finereg.head._source.source_outputs`: eval mode, ``no_grad``, mode restored). Returns the
-    (N, N_s) CPU logits in the model's dtype and the (N,) int64 labels."""
-    got = source_outputs(model, loader, device=device)
-    if got.labels is None:
-        raise FineregTypeError("the loader must yield (inputs, labels, ...) batches: the relationship needs labels")
-    if got.outputs.dim() != 2:
-        raise FineregError(
-            f"the source classifier must return (batch, N_s) logits in eval mode, got shape {tuple(got.outputs.shape)}"
-        )
-    return got.outputs, got.labels
 
 
 # ------------------------------------------------------------------------------ relationship container
