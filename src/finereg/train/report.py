@@ -109,10 +109,13 @@ def report_markdown(summary: list[dict], methods: Sequence[str], rates: Sequence
         parts += [
             f"### {title[0].upper()}{title[1:]}: mean ± std over the seeds",
             accuracy_table(summary, methods, rates, metric),
-            f"Paired difference to {base} (same seeds, so the same training images and order), mean and 95 % "
-            "confidence interval (Student t); **bold**: the interval excludes 0.",
-            difference_table(summary, methods, rates, metric),
         ]
+        if any(m != base for m in methods):
+            parts += [
+                f"Paired difference to {base} (same seeds, so the same training images and order), mean and 95 % "
+                "confidence interval (Student t); **bold**: the interval excludes 0.",
+                difference_table(summary, methods, rates, metric),
+            ]
     return "\n\n".join(parts) + "\n"
 
 
