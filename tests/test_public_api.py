@@ -17,6 +17,8 @@ SUBPACKAGES = [
     # robust fine-tuning (issue 11)
     "finereg.optim",
     "finereg.merge",
+    # trainer integrations (issue 12); the trainers themselves are imported on demand
+    "finereg.integrations",
 ]
 
 
@@ -61,6 +63,6 @@ def test_core_import_needs_only_torch():
         "import sys, torch; before = set(sys.modules); import finereg; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
         "heavy = new & {'torchvision', 'timm', 'transformers', 'tqdm', 'matplotlib', 'sklearn', 'tensorboard', "
-        "'PIL', 'scipy'}; assert not heavy, heavy"
+        "'PIL', 'scipy', 'lightning', 'accelerate', 'pytorch_lightning'}; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -198,3 +198,16 @@ def test_call_model_conventions():
     assert call_model(f, {"x": 1}) == ((), {"x": 1})
     assert call_model(f, (1, 2)) == ((1, 2), {})
     assert call_model(f, 3) == ((3,), {})
+
+
+def test_terms_import_no_trainer():
+    """``finereg.integrations`` (the terms, Regularization) needs torch only: no trainer is imported with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; before = set(sys.modules); import finereg.integrations; "
+        "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
+        "heavy = new & {'transformers', 'accelerate', 'lightning', 'pytorch_lightning'}; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -42,7 +42,7 @@ from .._checks import FineregError, check_int
 from .._utils import atomic_write
 from ..train.builtin import cache_dir
 
-__all__ = ["TextTask", "TokenizedSplit", "stdlib_docstrings", "tokenize", "DEFAULT_MODULES"]
+__all__ = ["TextTask", "TokenizedSplit", "stdlib_docstrings", "tokenize", "accuracy", "DEFAULT_MODULES"]
 
 DEFAULT_MODULES: tuple[str, ...] = ("math", "datetime", "pathlib", "logging", "unittest", "asyncio")
 _VERSION = 1  # bump when the construction changes (the cache key includes it)
@@ -235,3 +235,20 @@ def tokenize(examples: Sequence[tuple[str, int]], tokenizer: Any, max_length: in
     tensors = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
     tensors["labels"] = torch.tensor([y for _, y in examples], dtype=torch.long)
     return TokenizedSplit(tensors)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, split: TokenizedSplit, batch_size: int = 64) -> float:
+    """Top-1 accuracy (%) of ``model`` (called with the split's tensors, returning ``logits``) on ``split``, in eval
+    mode (the model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        correct = 0
+        for i in range(0, len(split), batch_size):
+            batch = {k: v[i : i + batch_size] for k, v in split.tensors.items() if k != "labels"}
+            logits = model(**batch)["logits"]
+            correct += int((logits.argmax(-1) == split.tensors["labels"][i : i + batch_size]).sum())
+    finally:
+        model.train(was)
+    return 100.0 * correct / len(split)
