@@ -12,6 +12,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CASES = {
     "seed_orthogonal_freeze.py": ([], ["max|Δ frozen| 0.0e+00", "frozen still exact: True", "3 separate layers"]),
     "standardize_resnet.py": (["--size", "32"], ["baked == standardized: max |diff| 0.00e+00", "torch.export"]),
+    # the Keras front (seed 002 in Keras 3), on the backend of the test process (KERAS_BACKEND, torch by default)
+    "keras_orthogonal_freeze.py": (
+        ["--epochs", "3", "--steps", "3"],
+        [
+            "max|Δ frozen| 0.0e+00",
+            "frozen filters unchanged (bit-identical): True",
+            "penalty decreasing: True",
+            "filters 0, 1,4,7 unchanged: True",
+            "frozen mask kept True, penalty kept True",
+        ],
+    ),
 }
 
 # --- trainer integrations (issue 12): real MiniLM, one epoch, one thread; the fine-tuned head must have learned ------

@@ -17,6 +17,7 @@ SUBPACKAGES = [
     # robust fine-tuning (issue 11)
     "finereg.optim",
     "finereg.merge",
+    "finereg.models",
     # trainer integrations (issue 12); the trainers themselves are imported on demand
     "finereg.integrations",
 ]

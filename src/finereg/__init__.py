@@ -37,3 +37,8 @@ _robust = [
 
 __version__ = "0.1.0"
 __all__ = [*_weight, *_feature, *_head, *_reparam, *_robust]
+
+# networks: create_model (timm / torchvision names; packaged ImageNet weights offline); timm is imported lazily
+from .models import create_model  # noqa: E402
+
+__all__ += ["create_model"]

@@ -4,17 +4,14 @@ import pytest
 import torch
 
 from finereg._checks import FineregError
-from finereg.train.data import (
+from finereg.train.data import TensorImages, class_ranks, derive_seed, epoch_plan, stratified_subset
+from finereg.train.datasets import load_data
+from finereg.train.digits import (
     DIGITS_TEST_FRACTION,
-    TensorImages,
-    class_ranks,
-    derive_seed,
+    DIGITS_VALID_FRACTION,
     digits_arrays,
     digits_source,
     digits_target,
-    epoch_plan,
-    load_data,
-    stratified_subset,
 )
 from tests.train._util import image_folder, png
 
@@ -77,18 +74,18 @@ def test_translation_augmentation_matches_per_sample_crops():
 def test_digits_task_splits():
     images, labels = digits_arrays()
     assert images.shape == (1797, 1, 8, 8) and float(images.max()) == 1.0
-    pool, test = digits_target()
-    assert pool.classes == test.classes == ["5", "6", "7", "8", "9"]
-    assert len(pool) + len(test) == int((labels >= 5).sum())
-    n_test = torch.bincount(test.labels)
-    assert torch.allclose(
-        n_test.double() / (n_test + torch.bincount(pool.labels)).double(),
-        torch.full((5,), DIGITS_TEST_FRACTION, dtype=torch.float64),
-        atol=0.01,
-    )
-    # the held-out test images are disjoint from the training pool (no image of one is in the other's index set)
-    flat = lambda ds: {tuple(x.flatten().tolist()) for x in ds.images}
-    assert not (flat(pool) & flat(test)) - _duplicated_images(images)
+    pool, valid, test = digits_target()
+    assert pool.classes == valid.classes == test.classes == ["5", "6", "7", "8", "9"]
+    assert len(pool) + len(valid) + len(test) == int((labels >= 5).sum())
+    n_test, n_valid, n_pool = (torch.bincount(d.labels).double() for d in (test, valid, pool))
+    share = lambda a, b: a / (a + b)  # noqa: E731
+    assert torch.allclose(share(n_test, n_valid + n_pool), torch.full((5,), DIGITS_TEST_FRACTION).double(), atol=0.01)
+    assert torch.allclose(share(n_valid, n_pool), torch.full((5,), DIGITS_VALID_FRACTION).double(), atol=0.02)
+    # the three splits are disjoint (no image of one is in another, but for images the dataset holds twice)
+    flat = lambda ds: {tuple(x.flatten().tolist()) for x in ds.images}  # noqa: E731
+    dup = _duplicated_images(images)
+    assert not (flat(pool) & flat(test)) - dup and not (flat(pool) & flat(valid)) - dup
+    assert not (flat(valid) & flat(test)) - dup
     src = digits_source()
     assert len(src) == 4 * int((labels < 5).sum()) and len(src.classes) == 20 and src.classes[1] == "0_r90"
     # label d*4+k is digit d rotated k quarter turns
@@ -107,7 +104,7 @@ def _duplicated_images(images):
 def test_load_data_builtin_sampling():
     full = load_data("digits")
     part = load_data("digits", sample_rate=15, data_seed=0)
-    assert len(part.train) < len(full.train) and len(part.val) == len(full.val)
+    assert len(part.train) < len(full.train) and len(part.test) == len(full.test) and len(part.valid) == len(full.valid)
     assert torch.bincount(part.train.labels).min() >= 1
 
 
@@ -119,13 +116,13 @@ def test_image_folder_skips_and_counts_unreadable(tmp_path):
     logs = []
     data = load_data(str(tmp_path), image_size=8, workers=0, log=logs.append)
     assert data.skipped == 2 and logs[0].startswith("skipped 2 unreadable") and "broken.png" in logs[0]
-    assert data.classes == ["cat", "dog"] and len(data.train) == 6 and len(data.val) == 6
+    assert data.classes == ["cat", "dog"] and len(data.train) == 6 and len(data.test) == 6 and data.valid is None
     order, seeds = epoch_plan(len(data.train), 4, steps=2, seed=0, epoch=0)
     batches = list(data.train.train_batches(order, seeds, views=2, device=torch.device("cpu")))
     assert batches[0].x.shape == (4, 3, 8, 8) and len(batches[0].views) == 1
     again = list(data.train.train_batches(order, seeds, views=2, device=torch.device("cpu")))
     assert all(torch.equal(a.x, b.x) and torch.equal(a.views[0], b.views[0]) for a, b in zip(batches, again))
-    ev = list(data.val.eval_batches(4, torch.device("cpu")))
+    ev = list(data.test.eval_batches(4, torch.device("cpu")))
     assert sum(len(b.y) for b in ev) == 6
 
 
@@ -187,4 +184,15 @@ def test_a_one_class_folder_is_refused(tmp_path):
     """Before: a one-class ImageFolder trained and reported 100 % accuracy."""
     image_folder(tmp_path, classes=("cat",))
     with pytest.raises(FineregError, match="has one class folder \\('cat'\\).*at least two class folders"):
+        load_data(str(tmp_path), image_size=8, workers=0)
+
+
+def test_image_folder_valid_folder_is_the_validation_split(tmp_path):
+    image_folder(tmp_path)
+    for c, name in enumerate(("cat", "dog")):
+        png(tmp_path / "valid" / name / "0.png", 7 + c)
+    data = load_data(str(tmp_path), image_size=8, workers=0)
+    assert len(data.valid) == 2 and list(data.evaluation_sets()) == ["test", "valid"]
+    png(tmp_path / "valid" / "bird" / "0.png", 9)
+    with pytest.raises(FineregError, match="train/ and valid/ .* have different classes"):
         load_data(str(tmp_path), image_size=8, workers=0)

@@ -40,21 +40,23 @@ def test_fit_records_metrics_and_checkpoints(tmp_path, tiny):
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert {"lr", "train_ce", "train_loss", "train_acc", "val_top1", "val_mean_class_acc", "val_loss"} <= set(rows[0])
+    assert {"lr", "train_ce", "train_loss", "train_acc", "test_top1", "test_mean_class_acc", "test_loss"} <= set(
+        rows[0]
+    )
     jl = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert jl == res.history
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     assert (run / LAST).exists() and (run / PREV).exists() and (run / "config.json").exists()
     assert load_checkpoint(run)["epoch"] == 2 and load_checkpoint(run / PREV)["epoch"] == 1
     # the logged accuracy is the network's accuracy on the held-out split
-    from finereg.train.data import load_data
+    from finereg.train.datasets import load_data
 
-    val = load_data("digits").val
+    val = load_data("digits").test
     again = evaluate(res.net, val, 64, torch.device("cpu"), 5)
-    assert again["val_top1"] == pytest.approx(res.final["val_top1"])
+    assert again["test_top1"] == pytest.approx(res.final["test_top1"])
     with torch.no_grad():
         pred = torch.cat([res.net(b.x).argmax(1) for b in val.eval_batches(64, torch.device("cpu"))])
-    assert res.final["val_top1"] == pytest.approx(100.0 * float((pred == val.labels).double().mean()))
+    assert res.final["test_top1"] == pytest.approx(100.0 * float((pred == val.labels).double().mean()))
     # the lr each epoch trained with followed the step schedule: head lr 0.05, x0.1 after round(0.6 * 2) = 1 epoch
     assert [r["lr"] for r in res.history] == pytest.approx([0.05, 0.005])
     trained = load_trained(run)
@@ -152,7 +154,7 @@ def test_bad_fit_input(tmp_path, tiny, kw, exc, match):
 
 def test_bf16_autocast_runs(tmp_path, tiny):
     res = fit(tiny(tmp_path, bf16=True, epochs=1), **QUIET)
-    assert torch.isfinite(torch.tensor(res.final["train_loss"])) and res.final["val_top1"] > 20
+    assert torch.isfinite(torch.tensor(res.final["train_loss"])) and res.final["test_top1"] > 20
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -239,7 +241,7 @@ def test_fit_on_an_image_folder_with_torchvision_weights_from_a_file(tmp_path):
         ),
         log=logs.append,
     )
-    assert res.epochs_done == 1 and 0 <= res.final["val_top1"] <= 100
+    assert res.epochs_done == 1 and 0 <= res.final["test_top1"] <= 100
     assert res.net.head.out_features == 3 and res.net.source_head.out_features == 10
     assert any("skipped 1 unreadable image(s)" in m and "bad.png" in m for m in logs)
     assert load_checkpoint(res.run_dir)["classes"] == ["a", "b", "c"]
@@ -286,8 +288,8 @@ def test_unreadable_evaluation_images_are_counted_and_fail_past_a_threshold(tmp_
     logs = []
     if lost == "one image":  # 1 of 40: reported beside the accuracy
         res = fit(cfg, on_step=_break_val_images(broken), log=logs.append)
-        assert res.final["val_skipped_images"] == 1
-        assert any("1 evaluation images could not be read" in m for m in logs)
+        assert res.final["test_skipped_images"] == 1
+        assert any("1 test images could not be read" in m for m in logs)
     else:  # a class vanishes from the accuracy: refused
-        with pytest.raises(FineregError, match="20 of 40 evaluation images could not be read; class\\(es\\) dog lost"):
+        with pytest.raises(FineregError, match="20 of 40 test images could not be read; class\\(es\\) dog lost"):
             fit(cfg, on_step=_break_val_images(broken), log=logs.append)

@@ -27,7 +27,8 @@ from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
 from .checkpoint import save_checkpoint
 from .config import FitConfig, resolve
-from .data import BUILTIN_DATASETS, TrainData, check_batch_size, derive_seed, load_data
+from .data import TrainData, check_batch_size, derive_seed
+from .datasets import BUILTIN_DATASETS, load_data
 from .methods import Context, Recipe, build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, write_text_atomic
 from .models import Outputs, TransferNet, build_model
@@ -108,7 +109,7 @@ def param_groups(model: nn.Module, net: TransferNet, lr: float, backbone_mult: f
 
 def _probe(net: TransferNet, data: TrainData, arch: str) -> None:
     """One forward on two evaluation images, to turn a shape mismatch into a clear error before any work."""
-    b = next(data.val.eval_batches(2, next(net.parameters()).device))
+    b = next(data.test.eval_batches(2, next(net.parameters()).device))
     try:
         with torch.no_grad():
             net.eval()(b.x)

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from . import dist as fdist
 from .checkpoint import atomic_save
-from .data import digits_source, epoch_plan, stratified_subset
+from .data import epoch_plan, stratified_subset
+from .digits import digits_source
 
 __all__ = ["BuiltinNet", "PRETRAIN", "cache_dir", "pretrained_path", "pretrain_source", "pretrained_state"]
 

@@ -223,7 +223,7 @@ def _cmd_fit(ns: argparse.Namespace) -> int:
     f = res.final
     if f and rank() == 0:
         print(
-            f"done: top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
+            f"done: top-1 {f['test_top1']:.2f}%, mean per-class {f['test_mean_class_acc']:.2f}% "
             f"after {res.epochs_done} epochs; run in {res.run_dir}"
         )
     return 0
@@ -240,7 +240,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     f = res.final
     print(
         f"demo: {ns.method} fine-tuned the built-in pretrained network (digits 0-4 x rotations) on digits 5-9 "
-        f"(30% of the training pool): top-1 {f['val_top1']:.2f}%, mean per-class {f['val_mean_class_acc']:.2f}% "
+        f"(30% of the training pool): top-1 {f['test_top1']:.2f}%, mean per-class {f['test_mean_class_acc']:.2f}% "
         f"in {time.perf_counter() - t0:.0f}s. Metrics, TensorBoard events and checkpoints: {res.run_dir}"
     )
     return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._checks import FineregError, check_bool, check_int, check_number
-from .data import BUILTIN_DATASETS
+from .datasets import BUILTIN_DATASETS
 
 __all__ = ["FitConfig", "DIGITS", "FOLDER", "RESUME_FREE", "check_config", "resolve", "merge_resume"]
 

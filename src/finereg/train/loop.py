@@ -35,7 +35,8 @@ from . import dist as fdist
 from .build import Run, build
 from .checkpoint import load_checkpoint
 from .config import FitConfig, check_config, merge_resume
-from .data import BUILTIN_DATASETS, Batch, derive_seed, epoch_plan
+from .data import Batch, derive_seed, epoch_plan
+from .datasets import BUILTIN_DATASETS
 from .metrics import accuracy_from_counts
 from .models import Outputs, TransferNet, build_model
 from .run_dir import RunDir
@@ -231,14 +232,16 @@ def _train(run: Run, on_step: Callable[[StepInfo], None] | None) -> bool:
                 "epoch": epoch + 1,
                 "lr": lr,
                 **meter.reduced(run.info.device),
-                **evaluate(run.net, run.data.val, cfg.batch_size, run.info.device, len(run.data.classes), run.autocast),
-                "epoch_seconds": time.perf_counter() - t0,
             }
-            if row.get("val_skipped_images"):
-                run.log(f"epoch {epoch + 1}: {row['val_skipped_images']} evaluation images could not be read")
+            for prefix, images in run.data.evaluation_sets().items():
+                n = len(run.data.classes)
+                row.update(evaluate(run.net, images, cfg.batch_size, run.info.device, n, run.autocast, prefix=prefix))
+                if row.get(f"{prefix}_skipped_images"):
+                    run.log(f"epoch {epoch + 1}: {row[f'{prefix}_skipped_images']} {prefix} images could not be read")
+            row["epoch_seconds"] = time.perf_counter() - t0
             run.logger.log(row)
             run.checkpoint(epoch + 1, 0, None, None)
-            shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.startswith(("train_", "val_")))
+            shown = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch_seconds" and "_" in k)
             run.log(f"epoch {epoch + 1}/{cfg.epochs}: {shown}")
     return False
 
@@ -327,12 +330,15 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    *,
+    prefix: str = "test",
 ) -> dict[str, float]:
-    """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``.
+    """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``, as
+    ``<prefix>_top1``, ``<prefix>_mean_class_acc`` and ``<prefix>_loss``.
 
     Under torch.distributed each process evaluates every N-th sample and the counts are summed. Images that fail
-    to load are left out and counted (``val_skipped_images``); more than :data:`MAX_UNREADABLE` of them, or a class
-    left without images, raises :class:`FineregError`.
+    to load are left out and counted (``<prefix>_skipped_images``); more than :data:`MAX_UNREADABLE` of them, or a
+    class left without images, raises :class:`FineregError`.
     """
     was = net.training
     net.eval()
@@ -361,13 +367,14 @@ def evaluate(
             classes = getattr(data, "classes", None) or list(range(num_classes))
             why = f"; class(es) {', '.join(str(classes[i]) for i in lost)} lost all their images" if lost else ""
             raise FineregError(
-                f"{skipped} of {len(data)} evaluation images could not be read{why}: the accuracy would not be that "
-                "of the evaluation set. Check the files (disk, permissions) and run again (--resume)"
+                f"{skipped} of {len(data)} {prefix} images could not be read{why}: the accuracy would not be that of "
+                f"the {prefix} set. Check the files (disk, permissions) and run again (--resume)"
             )
     top1, mean_class = accuracy_from_counts(stats[0].cpu(), stats[1].cpu())
-    row = {"val_top1": top1, "val_mean_class_acc": mean_class, "val_loss": float(sums[0] / stats[1].sum().clamp(1))}
+    row = {f"{prefix}_top1": top1, f"{prefix}_mean_class_acc": mean_class}
+    row[f"{prefix}_loss"] = float(sums[0] / stats[1].sum().clamp(1))
     if skipped:
-        row["val_skipped_images"] = skipped
+        row[f"{prefix}_skipped_images"] = skipped
     return row
 
 

@@ -73,8 +73,8 @@ class MetricsLogger:
             step = int(row.get("epoch", len(self.history)))
             for k, v in row.items():
                 if k != "epoch" and isinstance(v, (int, float)):
-                    group = "val" if k.startswith("val_") else "train" if k.startswith("train_") else "misc"
-                    self._tb.add_scalar(f"{group}/{k.split('_', 1)[1] if group != 'misc' else k}", v, step)
+                    group, _, name = k.partition("_")  # train_loss -> train/loss, test_top1 -> test/top1
+                    self._tb.add_scalar(f"{group}/{name}" if name else f"misc/{k}", v, step)
             self._tb.flush()
 
     def close(self) -> None:
