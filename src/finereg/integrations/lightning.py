@@ -85,6 +85,7 @@ class FineregCallback(pl.Callback):
         self.module, self.log_prefix, self.sync_dist = module, str(log_prefix), bool(sync_dist)
         self._pending: dict[str, Any] | None = None
         self._wrapped: list[torch.optim.Optimizer] = []
+        self._logged_step = -1
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -117,14 +118,20 @@ class FineregCallback(pl.Callback):
         self.reg.add_grads_()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        step = trainer.global_step  # the optimizer terms' values: once per logged optimizer step
+        if step % max(trainer.log_every_n_steps, 1) == 0 and step != self._logged_step:
+            self._logged_step = step
             for name, value in self.reg.log_values().items():
                 pl_module.log(self.log_prefix + name, value, on_step=True, on_epoch=False, batch_size=1)
 
     # ------------------------------------------------------------------------------------------------ loss
     def loss(self, pl_module: pl.LightningModule, inputs: Any, outputs: Any) -> Tensor:
         """The loss terms of the batch the regularized model just ran on (``inputs``: what it was called with,
-        ``outputs``: what it returned), summed, scaled for accumulation and processes, each logged."""
+        ``outputs``: what it returned), summed, scaled for accumulation and processes, each logged.
+
+        Under automatic optimization Lightning divides the returned loss by ``accumulate_grad_batches`` (M): the
+        terms are scaled for it. Under manual optimization nothing is divided: the terms are those of one batch
+        (M = 1); scale them yourself if you accumulate."""
         if self.reg.model is None:
             raise FineregError(
                 "FineregCallback.loss is called before fitting started: pass the callback to the Trainer"
