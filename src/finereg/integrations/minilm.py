@@ -27,7 +27,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import MissingDependencyError, check_int, check_number
+from .._checks import FineregTypeError, MissingDependencyError, check_int, check_number
 
 __all__ = ["minilm_path", "load_tokenizer", "MeanPooling", "SentenceClassifier"]
 
@@ -85,7 +85,10 @@ class SentenceClassifier(nn.Module):
         num_labels = check_int(num_labels, "num_labels", low=1)
         hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
-            raise TypeError(f"encoder must be a Hugging Face encoder with config.hidden_size, got {type(encoder)}")
+            raise FineregTypeError(
+                "encoder must be a Hugging Face encoder with config.hidden_size (e.g. BertModel), "
+                f"got {type(encoder).__name__}"
+            )
         self.encoder = encoder
         self.pooler = MeanPooling()
         self.head = nn.Linear(hidden, num_labels)

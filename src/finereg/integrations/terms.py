@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .._checks import FineregError, check_choice, check_int, check_number
+from .._select import select_names
 from ..feature.bss import BSS
 from ..feature.capture import FeatureCapture, Selector, _apply_selector, _check_selector
 from ..feature.delta import behavioral_penalty
@@ -52,7 +53,7 @@ from ..head.kd import kd_loss
 from ..optim._base import WrappedOptimizer
 from ..optim.decoupled import DecoupledL2SP
 from ..train import dist as fdist
-from ..weight.l2 import L2SP, _chosen, _select
+from ..weight.l2 import L2SP, _chosen
 
 if TYPE_CHECKING:
     from .regularization import Regularization
@@ -171,7 +172,7 @@ class L2SPTerm(Term):
         if self.mode == "decoupled":
             names = list(reg.param_names().values())
             self._keep = set(_chosen(names, self.include, self.exclude))
-            self._new = set(_select(names, self.new_params, "new_params"))
+            self._new = set(select_names(names, self.new_params, "new_params", "parameter"))
             return
         self.penalty = L2SP(
             reg.model,
