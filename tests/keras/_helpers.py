@@ -19,7 +19,7 @@ def to_np(x) -> np.ndarray:
 
 def torch_penalty(name: str, group, factor: float, **kwargs):
     """finereg's torch penalty ``name`` over ``group`` (the one place that spells the torch signature)."""
-    return getattr(finereg, name)(group, coef=factor, **kwargs)
+    return getattr(finereg, name)(group, factor=factor, **kwargs)
 
 
 def torch_weight(layer) -> torch.Tensor:

@@ -106,7 +106,7 @@ def test_callable_penalty_equals_torch():
     group = fk.WeightGroup(list(layers.values()), order="torch")  # the callable sees torch's matrix
     ours = fk.CallablePenalty(lambda w: ops.sum(ops.square(ops.matmul(w, ops.transpose(w)))), group, factor=0.5)
     reference = finereg.WeightGroup([torch_module(lay) for lay in layers.values()])
-    theirs = finereg.CallablePenalty(lambda w: (w @ w.T).square().sum(), reference, coef=0.5)
+    theirs = finereg.CallablePenalty(lambda w: (w @ w.T).square().sum(), reference, factor=0.5)
     np.testing.assert_allclose(value(ours()), theirs().item(), rtol=2e-5)
     assert group.matrix().shape == (21, 36)
 

@@ -2,6 +2,7 @@
 it cleanly and its workers never outlive it."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from finereg.train.bench import markdown_table, summarize
 from finereg.train.checkpoint import load_checkpoint
 from finereg.train.cli import main
+from finereg.train.report import accuracy_table, difference_table, report_markdown, summarize
 
-TINY = ["--epochs", "1", "-i", "2", "-b", "16", "--no-progress"]
+TINY = ["--protocol", "smoke", "--epochs", "1", "-i", "2", "-b", "16", "--no-progress"]
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
@@ -52,11 +53,15 @@ def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
-    assert len(summary) == 2 and all(s["n"] == "2" for s in summary)
+    assert {(s["metric"], s["sample_rate"]) for s in summary} == {
+        (m, r) for m in ("top1", "valid_top1", "mean_class_acc") for r in ("30.0", "100.0")
+    }
+    assert all(s["n"] == "2" and s["diff"] == "0.0" for s in summary)  # erm against itself
     png = (out / "accuracy_vs_rate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (out / "summary.md").read_text()
-    assert "mean ± std over seeds 0, 1" in md and "Mean per-class accuracy" in md
+    assert "runs, seeds 0, 1" in md and "Top-1 accuracy (%) on the test split: mean ± std over the seeds" in md
+    assert "Paired difference to erm" in md
     # a second run over the same directory reuses the finished runs and reports the same numbers
     assert (
         main(
@@ -82,17 +87,25 @@ def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]
 
 
-def test_summary_statistics_and_table():
-    rows = [
-        {"method": "a", "sample_rate": 15, "seed": s, "top1": v, "mean_class_acc": v}
-        for s, v in enumerate([80.0, 82.0, 84.0])
-    ]
-    rows += [{"method": "b", "sample_rate": 15, "seed": 0, "top1": 90.0, "mean_class_acc": 89.0}]
-    s = {x["method"]: x for x in summarize(rows)}
-    assert s["a"]["top1_mean"] == pytest.approx(82.0) and s["a"]["top1_std"] == pytest.approx(2.0)  # n - 1
-    assert s["b"]["top1_std"] == 0.0 and s["b"]["n"] == 1
-    table = markdown_table(list(s.values()), ["a", "b"], [15.0])
-    assert "| a | 82.0 ± 2.0 | 82.0 |" in table and "| b | **90.0 ± 0.0** | 90.0 |" in table
+def test_paired_report_tables():
+    rows = [{"method": "erm", "sample_rate": 15, "seed": k, "top1": v, "shift_top1": v - 30}
+            for k, v in enumerate([80.0, 82.0, 84.0])]  # fmt: skip
+    rows += [{"method": "a", "sample_rate": 15, "seed": k, "top1": v, "shift_top1": v - 30}
+             for k, v in enumerate([81.0, 83.5, 85.0])]  # fmt: skip
+    rows += [{"method": "b", "sample_rate": 15, "seed": 0, "top1": 90.0, "shift_top1": 1.0}]
+    summary = summarize(rows)
+    cell = {(s["metric"], s["method"]): s for s in summary}
+    assert cell["top1", "erm"]["mean"] == pytest.approx(82.0) and cell["top1", "erm"]["std"] == pytest.approx(2.0)
+    a = cell["top1", "a"]  # differences 1.0, 1.5, 1.0: mean 1.1667, s_d 0.2887, t(0.975, 2) = 4.3027
+    assert a["diff"] == pytest.approx(7 / 6) and a["high"] - a["diff"] == pytest.approx(4.302653 * 0.288675 / 3**0.5)
+    assert cell["top1", "b"]["n_pairs"] == 1 and math.isnan(cell["top1", "b"]["low"])  # one seed: no interval
+    table = accuracy_table(summary, ["erm", "a", "b"], [15.0])
+    assert "| erm | 82.0 ± 2.0 | 82.0 |" in table and "| b | **90.0 ± –** | 90.0 |" in table
+    diffs = difference_table(summary, ["erm", "a", "b"], [15.0])
+    assert "| a | **+1.2 [+0.4, +1.9]** |" in diffs and "| b | +10.0 [–, –] |" in diffs
+    assert "| erm |" not in diffs
+    md = report_markdown(summary, ["erm", "a", "b"], [15.0], "note")
+    assert "shifted test set" in md and md.count("Paired difference to erm") == 2
 
 
 def test_bench_bad_input(tmp_path, capsys):
@@ -113,6 +126,8 @@ def test_bench_stops_cleanly_on_ctrl_c_and_finishes_on_rerun(tmp_path):
         "-m",
         "finereg",
         "bench",
+        "--protocol",
+        "smoke",
         "--methods",
         "erm,l2sp",
         "--rates",
@@ -145,7 +160,8 @@ def test_bench_stops_cleanly_on_ctrl_c_and_finishes_on_rerun(tmp_path):
 
 
 def _bench_cmd(out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "finereg", "bench", "--methods", "erm,l2sp", "--rates", "30", "--seeds", "0,1",
+    return [sys.executable, "-m", "finereg", "bench", "--protocol", "smoke", "--methods", "erm,l2sp",
+            "--rates", "30", "--seeds", "0,1",
             "--epochs", str(epochs), "--jobs", "2", "--no-progress", "--out", str(out)]  # fmt: skip
 
 

@@ -31,9 +31,10 @@ def test_defaults_are_tllibs_and_overrides_apply():
     r = {x.name: x for x in build_recipes("l2sp+delta+bss+lwf+co-tuning")}
     assert r["l2sp"].hp == {"trade_off": 0.01} and r["delta"].hp["trade_off"] == 0.01
     assert r["bss"].hp == {"trade_off": 0.001, "k": 1}
-    assert r["lwf"].hp == {"trade_off": 4.0, "temperature": 3.0} and r["co-tuning"].hp["trade_off"] == 2.3
+    assert r["lwf"].hp == {"trade_off": 4.0, "temperature": 3.0, "source_head": "excluded"}
+    assert r["co-tuning"].hp["trade_off"] == 2.3
     assert r["head-l2"].hp == {"trade_off": 0.01}  # tllib's DELTA script: head L2 0.01, added once
-    bi = {"trade_off": 1.0, "K": 40, "m": 0.999, "temperature": 0.07, "projection_dim": 128}
+    bi = {"trade_off": 1.0, "K": 40, "m": 0.999, "temperature": 0.07, "projection_dim": 128, "projector": "pretrained"}
     assert registered("bi-tuning")().hp == bi
     digits = {x.name: x for x in build_recipes("delta", digits=True)}
     assert digits["delta"].hp["trade_off"] == 0.001

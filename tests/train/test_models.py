@@ -24,7 +24,7 @@ def test_builtin_pretrained_source_model(builtin_cache):
     x = torch.randn(3, 1, 8, 8)
     net.train()
     assert net(x).source_logits is None  # until a method asks for the source head
-    net.use_source_head("lwf", train=True)
+    net.use_source_head("co-tuning", "pretrained")
     out = net(x)
     assert isinstance(out, Outputs) and out.features.shape == (3, 128) and out.source_logits.shape == (3, 20)
     assert all(p.requires_grad for p in net.source_head.parameters())

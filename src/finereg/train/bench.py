@@ -1,10 +1,12 @@
-"""``finereg bench``: methods × sampling rates × seeds, summarized like the tables of tllib's README.
+"""``finereg bench``: methods × sampling rates × seeds on one protocol, reported with paired statistics.
 
 Each run is a :func:`~finereg.train.loop.fit` in its own directory ``<out>/runs/<method>-sr<rate>-s<seed>``; the
-bench writes ``results.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean ± sample std of the
-final top-1 accuracy per method and rate, best mean in bold) and ``accuracy_vs_rate.png`` (one line per method).
-Runs go in parallel processes of one thread each (tiny models run fastest that way on a CPU). Running the same
-command again with the same ``--out`` reuses finished runs and resumes interrupted ones.
+bench writes ``results.csv`` (one row per run: test, shifted-test and validation accuracy), ``summary.csv`` and
+``summary.md`` (per method and rate: mean ± std over the seeds, and the paired difference to ERM with its 95 %
+confidence interval, for the test split and the shifted test set; :mod:`finereg.train.report`) and
+``accuracy_vs_rate.png``. Runs go in parallel processes of one thread each (:mod:`finereg.train.runner`); what
+every run shares (the built-in source model, the frozen prefix's outputs) is made once before they start. Running
+the same command again with the same ``--out`` reuses finished runs and resumes interrupted ones.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._checks import FineregError, check_int, check_number
+from .build import build_task
 from .checkpoint import LAST
+from .config import resolve
 from .data import SAMPLE_RATES
 from .loop import FitConfig, fit
 from .methods import method_names, parse_method
 from .metrics import write_text_atomic
+from .report import accuracy_table, plot, report_markdown, summarize
 from .run_dir import bench_dir
 from .runner import check_stop, run_all
 
-__all__ = ["BenchConfig", "BenchResult", "bench", "summarize", "markdown_table", "plot"]
+__all__ = ["BenchConfig", "BenchResult", "bench", "DEFAULT_SEEDS"]
 
-DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_SEEDS = (0, 1, 2)
 
 
 def _default_methods() -> list[str]:
@@ -84,81 +89,14 @@ def _one(cfg: FitConfig) -> dict | None:
         "sample_rate": cfg.sample_rate,
         "seed": cfg.seed,
         "top1": f.get("test_top1", math.nan),
+        "shift_top1": f.get("shift_top1", math.nan),
+        "valid_top1": f.get("valid_top1", math.nan),
         "mean_class_acc": f.get("test_mean_class_acc", math.nan),
         "epochs": res.epochs_done,
         "seconds": round(time.perf_counter() - t0, 2),
         "interrupted": res.interrupted,
         "run_dir": str(run_dir),
     }
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample standard deviation (n - 1) of top-1 and mean per-class accuracy per (method, rate)."""
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        if not r.get("interrupted"):
-            groups.setdefault((r["method"], float(r["sample_rate"])), []).append(r)
-    out = []
-    for (m, rate), rs in groups.items():
-        s = {"method": m, "sample_rate": rate, "n": len(rs)}
-        for key in ("top1", "mean_class_acc"):
-            vals = [float(r[key]) for r in rs]
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            s[f"{key}_mean"], s[f"{key}_std"] = mean, std
-        out.append(s)
-    return out
-
-
-def markdown_table(summary: list[dict], methods: list[str], rates: list[float], key: str = "top1") -> str:
-    """Rows = methods, columns = sampling rates (+ their average), cells = mean ± std; best mean in bold."""
-    cell = {(s["method"], s["sample_rate"]): s for s in summary}
-    best = {
-        rate: max((cell[(m, rate)][f"{key}_mean"] for m in methods if (m, rate) in cell), default=None)
-        for rate in rates
-    }
-    lines = ["| method | " + " | ".join(f"{r:g}%" for r in rates) + " | avg |", "|---|" + "---|" * (len(rates) + 1)]
-    for m in methods:
-        cells, means = [], []
-        for rate in rates:
-            s = cell.get((m, float(rate)))
-            if s is None:
-                cells.append("–")
-                continue
-            mean, std = s[f"{key}_mean"], s[f"{key}_std"]
-            means.append(mean)
-            text = f"{mean:.1f} ± {std:.1f}"
-            cells.append(f"**{text}**" if best[rate] is not None and mean == best[rate] else text)
-        avg = f"{sum(means) / len(means):.1f}" if len(means) == len(rates) else "–"
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {avg} |")
-    return "\n".join(lines)
-
-
-def plot(summary: list[dict], methods: list[str], path: str | os.PathLike, title: str = "") -> Path:
-    """``accuracy_vs_rate.png``: mean top-1 (± std as error bars) vs sampling rate, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for m in methods:
-        pts = sorted((s["sample_rate"], s["top1_mean"], s["top1_std"]) for s in summary if s["method"] == m)
-        if pts:
-            x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
-    rates = sorted({s["sample_rate"] for s in summary})
-    ax.set_xticks(rates, [f"{r:g}%" for r in rates])
-    ax.set_xlabel("sampling rate of the training set (per class)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy vs sampling rate")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _csv(rows: list[dict]) -> str:
@@ -199,10 +137,7 @@ def _bench(
     t0 = time.perf_counter()
     jobs = max(1, cfg.jobs or _cores())
     base = dataclasses.replace(cfg.base, progress=False, tensorboard=False, resume=False, overwrite=False)
-    if base.arch == "builtin" and base.weights in (None, "builtin"):
-        from .builtin import pretrained_state
-
-        pretrained_state(base.cache_dir, log=log)  # once, before the workers start
+    build_task(resolve(base, 0.0), log)  # what every run shares, made once before the workers start (caches)
     grid = [
         dataclasses.replace(
             base, method=m, sample_rate=float(r), seed=int(s), out=str(out / "runs" / _run_name(m, r, s))
@@ -231,22 +166,19 @@ def _bench(
     order = {(c.method, c.sample_rate, c.seed): i for i, c in enumerate(grid)}
     rows.sort(key=lambda r: order.get((r["method"], float(r["sample_rate"]), r["seed"]), 0))
     summary = summarize(rows)
-    table = markdown_table(summary, methods, rates)
     seconds = time.perf_counter() - t0
     note = (
-        f"Top-1 accuracy (%) on {base.data}, mean ± std over seeds {', '.join(map(str, seeds))} "
-        f"({len(rows)} runs, {seconds / 60:.1f} min)."
+        f"finereg bench on {base.data} ({_describe(base)}): {len(rows)} runs, seeds {', '.join(map(str, seeds))}, "
+        f"{seconds / 60:.1f} min."
     )
+    report = report_markdown(summary, methods, rates, note)
+    table = accuracy_table(summary, methods, rates)
     write_text_atomic(out / "results.csv", _csv(rows))
     write_text_atomic(out / "summary.csv", _csv(summary))
-    write_text_atomic(
-        out / "summary.md",
-        f"{note}\n\n{table}\n\nMean per-class accuracy (%):\n\n"
-        f"{markdown_table(summary, methods, rates, 'mean_class_acc')}\n",
-    )
+    write_text_atomic(out / "summary.md", report)
     if summary:
-        plot(summary, methods, out / "accuracy_vs_rate.png", title=f"finereg bench: {base.data}")
-    log(f"\n{note}\n\n{table}\n")
+        plot(summary, methods, out / "accuracy_vs_rate.png", title=base.data)
+    log("\n" + report)
     log(
         f"wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'results.csv'}"
         + (f", {out / 'accuracy_vs_rate.png'}" if summary else "")
@@ -254,6 +186,16 @@ def _bench(
     if interrupted:
         log(f"interrupted: run the same command with --out {out} to finish the remaining runs")
     return BenchResult(out, rows, summary, table, seconds, interrupted)
+
+
+def _describe(cfg: FitConfig) -> str:
+    """The resolved settings every run of the bench shares, in one line."""
+    c = resolve(cfg, 0.0)
+    prefix = "" if c.frozen_prefix in (None, "none") else f", frozen prefix {c.frozen_prefix}"
+    return (
+        f"{c.arch}, {c.weights or 'default'} weights{prefix}, {c.epochs} epochs x "
+        f"{c.iters_per_epoch or 'one pass'} steps x batch {c.batch_size}, lr {c.lr:g}"
+    )
 
 
 def _bar(total: int, enabled: bool):

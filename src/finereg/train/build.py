@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import FineregError
+from ..lr_policy import param_groups
 from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
 from .checkpoint import save_checkpoint
@@ -35,7 +36,7 @@ from .models import ModelBundle, Outputs, TransferNet, build_model, input_normal
 from .prefix import freeze_prefix
 from .run_dir import RunDir
 
-__all__ = ["Run", "build", "build_task", "param_groups"]
+__all__ = ["Run", "build", "build_task"]
 
 
 @dataclass
@@ -102,18 +103,6 @@ class Run:
     def close(self) -> None:
         for close in reversed(self.closers):
             close()
-
-
-def param_groups(model: nn.Module, net: TransferNet, lr: float, backbone_mult: float) -> list[dict]:
-    """tllib's ``get_parameters``: the pretrained parts (backbone, source head) at ``backbone_mult``·lr, all
-    new modules (target head, projector, ...) at lr."""
-    pretrained = {id(p) for m in (net.backbone, net.source_head) if m is not None for p in m.parameters()}
-    old, new = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (old if id(p) in pretrained else new).append(p)
-    groups = [{"params": old, "lr": lr * backbone_mult, "name": "backbone"}, {"params": new, "lr": lr, "name": "head"}]
-    return [g for g in groups if g["params"]]
 
 
 def _probe(net: TransferNet, data: TrainData, arch: str) -> None:
@@ -214,8 +203,9 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
     if info.is_main:
         rd.begin(log)
 
+    parts = wrapper.parts(model) if wrapper is not None else None  # else the parts the network declares
     optimizer = torch.optim.SGD(
-        param_groups(model, net, cfg.lr, cfg.backbone_lr_mult),
+        param_groups(model, cfg.lr, parts, pretrained_lr_mult=cfg.backbone_lr_mult),
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,

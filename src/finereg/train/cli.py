@@ -59,6 +59,12 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
         "--image-size", type=int, default=_S, help="input resolution (default: 32 on mnist5k, 224 on ImageFolder data)"
     )
     g.add_argument("--workers", "-j", type=int, default=_S, help="data loading processes (default: 2)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=_S,
+        help="evaluate every N epochs and after the last; 0: after the last only (default: 1; mnist5k: 0)",
+    )
     g = p.add_argument_group("model")
     g.add_argument(
         "--arch",

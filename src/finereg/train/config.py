@@ -34,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iters_per_epoch": 25,
         "batch_size": 32,
         "lr": 0.1,
+        "eval_every": 0,
     },
     # a user's ImageFolder: tllib's example scripts (20 epochs of one pass, lr 0.01, batch 48); the default network
     # is one whose ImageNet weights a package ships, so it runs offline
@@ -74,6 +75,7 @@ class FitConfig:
     image_size: int | None = None
     frozen_prefix: str | None = None  # "blocks.K": freeze and cache the stem and blocks 0..K ("none": train all)
     channels_last: bool | None = None
+    eval_every: int | None = None  # evaluate every N epochs and after the last (0: after the last only)
     workers: int = 2
     threads: int | None = None  # CPU threads; default 1 on the built-in task (its tiny model runs fastest so)
     device: str = "auto"
@@ -91,6 +93,7 @@ class FitConfig:
 # Fields that may change when a run resumes; all others must equal the checkpoint's.
 RESUME_FREE = {
     "epochs",
+    "eval_every",
     "device",
     "workers",
     "threads",
@@ -118,6 +121,7 @@ _RANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "weight_decay": (check_number, {"low": 0}),
     "image_size": (check_int, {"low": 8}),
     "workers": (check_int, {"low": 0}),
+    "eval_every": (check_int, {"low": 0}),
     "threads": (check_int, {"low": 1}),
 }
 _FLAGS = ("bf16", "compile", "deterministic", "overwrite", "progress", "tensorboard", "channels_last")
@@ -146,7 +150,13 @@ def preset_of(data: str) -> dict[str, Any]:
 
 def resolve(cfg: FitConfig, default_weight_decay: float) -> FitConfig:
     """``cfg`` with its ``None`` fields set: the data's preset, the schedule at 60 % and the method's weight decay."""
-    preset = {"image_size": 224, "frozen_prefix": "none", "channels_last": False, **preset_of(cfg.data)}
+    preset = {
+        "image_size": 224,
+        "frozen_prefix": "none",
+        "channels_last": False,
+        "eval_every": 1,
+        **preset_of(cfg.data),
+    }
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in preset.items()}
     steps = cfg.lr_steps if cfg.lr_steps is not None else [max(1, round(0.6 * filled["epochs"]))]
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay

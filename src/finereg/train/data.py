@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .._checks import FineregError
+from .._utils import class_ranks as _class_ranks
 
 __all__ = [
     "Batch",
@@ -58,20 +59,10 @@ class Batch:
 
 # ---------------------------------------------------------------------------------------------- sampling
 def class_ranks(labels: Tensor, seed: int) -> Tensor:
-    """Each sample's rank in a random order of its own class (0 = first), drawn from ``seed``.
-
-    Taking the samples of rank < k_c keeps k_c samples of class c; the subsets for growing k are nested.
-    """
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = labels.numel()
-    g = torch.Generator().manual_seed(derive_seed(seed))
-    perm = torch.randperm(n, generator=g)
-    perm = perm[torch.argsort(labels[perm], stable=True)]  # grouped by class, random within a class
-    counts = torch.bincount(labels, minlength=int(labels.max()) + 1 if n else 0)
-    starts = torch.cumsum(counts, 0) - counts
-    ranks = torch.empty(n, dtype=torch.long)
-    ranks[perm] = torch.arange(n) - starts[labels[perm]]
-    return ranks
+    """Each sample's rank in a random order of its own class (0 = first), drawn from ``seed``
+    (:func:`finereg._utils.class_ranks`). Taking the samples of rank < k_c keeps k_c samples of class c; the subsets
+    for growing k are nested."""
+    return _class_ranks(labels, generator=torch.Generator().manual_seed(derive_seed(seed)))
 
 
 def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:

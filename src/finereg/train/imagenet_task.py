@@ -31,6 +31,7 @@ with the same function) and
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -107,8 +108,10 @@ def _digits() -> tuple[Tensor, Tensor]:
     return torch.from_numpy(d.images).float() / 16, torch.from_numpy(d.target).long()
 
 
+@functools.lru_cache(maxsize=2)
 def load_target_set(name: str = "mnist5k") -> TargetSet:
-    """The target set ``name`` (one of :data:`TARGET_SETS`), all ten digit classes."""
+    """The target set ``name`` (one of :data:`TARGET_SETS`), all ten digit classes (read once per process: a
+    bench worker runs many fits)."""
     check_choice(name, "target set", TARGET_SETS)
     images, labels = _mnist5k() if name == "mnist5k" else _digits()
     return TargetSet(name, images.contiguous(), labels, tuple(str(c) for c in range(10)))

@@ -226,20 +226,22 @@ def _train(run: Run, on_step: Callable[[StepInfo], None] | None) -> bool:
             meter = train_one_epoch(run, epoch, stop, on_step)
             if meter is None:
                 return True
-            lr = run.optimizer.param_groups[-1]["lr"]  # the head's lr during this epoch
+            lr = max(g["lr"] for g in run.optimizer.param_groups)  # the new head's lr during this epoch
             run.scheduler.step()
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,
                 **meter.reduced(run.info.device),
             }
-            for prefix, images in run.data.evaluation_sets().items():
-                n = len(run.data.classes)
-                row.update(
-                    evaluate(run.net, images, max(cfg.batch_size, 256), run.info.device, n, run.autocast, prefix=prefix)
-                )
-                if row.get(f"{prefix}_skipped_images"):
-                    run.log(f"epoch {epoch + 1}: {row[f'{prefix}_skipped_images']} {prefix} images could not be read")
+            every = cfg.eval_every
+            if epoch + 1 == cfg.epochs or (every and (epoch + 1) % every == 0):
+                for prefix, images in run.data.evaluation_sets().items():
+                    n = len(run.data.classes)
+                    bs = max(cfg.batch_size, 256)
+                    row.update(evaluate(run.net, images, bs, run.info.device, n, run.autocast, prefix=prefix))
+                    if row.get(f"{prefix}_skipped_images"):
+                        skipped = row[f"{prefix}_skipped_images"]
+                        run.log(f"epoch {epoch + 1}: {skipped} {prefix} images could not be read")
             row["epoch_seconds"] = time.perf_counter() - t0
             run.logger.log(row)
             run.checkpoint(epoch + 1, 0, None, None)

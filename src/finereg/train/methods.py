@@ -131,6 +131,11 @@ class Recipe:
         """A module to train in place of ``net`` (then :meth:`forward` is the training forward), or ``None``."""
         return None
 
+    def parts(self, model: nn.Module) -> dict[str, str] | None:
+        """The learning-rate parts (:func:`finereg.lr_policy.param_groups`) of the module :meth:`wrap` returned;
+        ``None``: what the trained module declares (``param_parts()``)."""
+        return None
+
     def setup(self, ctx: Context) -> None:
         """Once before training (after ``load_state_dict`` on resume): build modules, record targets."""
 

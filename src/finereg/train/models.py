@@ -16,8 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import FineregError, MissingFileError
+from .._checks import FineregError, MissingFileError, check_choice
 from .._utils import strip_prefixes, unknown_name_error, unwrap
+from ..head._source import classifier_name, split_classifier
+from ..lr_policy import ROLES, Role
 from ..models import PACKAGED, create_model
 from .builtin import BuiltinNet, pretrained_state
 
@@ -61,6 +63,7 @@ class TransferNet(nn.Module):
         super().__init__()
         self.backbone, self.head, self.source_head = backbone, head, source_head
         self.source_head_in_use = False
+        self.source_head_role: Role = "excluded"
 
     def forward(self, x: Tensor):
         f = self.backbone(x)
@@ -70,16 +73,26 @@ class TransferNet(nn.Module):
         ys = self.source_head(f) if self.source_head_in_use else None
         return Outputs(y, f, ys)
 
-    def use_source_head(self, method: str, *, train: bool = True) -> None:
-        """Make the training forward return the source head's logits too (and train the source head with the
-        backbone if ``train``); a clear error when the network was built without a pretrained classifier."""
+    def use_source_head(self, method: str, role: Role = "excluded") -> None:
+        """Make the training forward return the source head's logits too; ``role`` is its learning-rate role
+        (:mod:`finereg.lr_policy`): ``"excluded"`` (not trained: tllib's LwF) or ``"pretrained"`` (trained at the
+        backbone's rate: tllib's Co-Tuning). A clear error when the network has no pretrained classifier."""
         if self.source_head is None:
             raise FineregError(
                 f"{method} needs the pretrained classifier as source head, and these weights bring none; use "
                 "pretrained weights (--weights)"
             )
         self.source_head_in_use = True
-        self.source_head.requires_grad_(train)
+        self.source_head_role = check_choice(role, f"{method}'s source head role", ROLES)
+        self.source_head.requires_grad_(role != "excluded")
+
+    def param_parts(self) -> dict[str, Role]:
+        """The parts and their learning-rate roles (:func:`finereg.lr_policy.param_groups`): the backbone
+        pretrained, the new head new, the source head as :meth:`use_source_head` set it (excluded when unused)."""
+        parts: dict[str, Role] = {"backbone": "pretrained", "head": "new"}
+        if self.source_head is not None:
+            parts["source_head"] = self.source_head_role if self.source_head_in_use else "excluded"
+        return parts
 
     def source_model(self) -> nn.Sequential:
         """backbone → source head: the pretrained classifier (sharing this net's modules)."""
@@ -191,31 +204,6 @@ def _offline_hint(arch: str, e: Exception) -> str:
         f"could not fetch pretrained weights for {arch!r} ({type(e).__name__}: {e}). Without a network, "
         "pass a local file with --weights PATH (a state_dict or checkpoint), or --weights none"
     )
-
-
-def classifier_name(model: nn.Module) -> str:
-    """The name of ``model``'s final classifier ``nn.Linear``.
-
-    timm's ``pretrained_cfg['classifier']`` where it names a Linear, else the last ``nn.Linear`` among the
-    modules (torchvision's ``fc``, ``classifier.N``, ``heads.head``; the built-in ``fc``).
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("classifier"), str):
-        if isinstance(_get(model, cfg["classifier"]), nn.Linear):
-            return cfg["classifier"]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise FineregError(f"{type(model).__name__} has no nn.Linear classifier to replace with a target head")
-    return linears[-1]
-
-
-def split_classifier(model: nn.Module) -> tuple[nn.Module, nn.Linear, str]:
-    """Replace ``model``'s classifier (:func:`classifier_name`) with ``nn.Identity``; returns (model, it, name)."""
-    name = classifier_name(model)
-    head = _get(model, name)
-    parent, _, leaf = name.rpartition(".")
-    setattr(_get(model, parent) if parent else model, leaf, nn.Identity())
-    return model, head, name
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:

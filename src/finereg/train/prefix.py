@@ -70,15 +70,26 @@ def _features(prefix: nn.Module, images: TensorImages, batch: int = 256) -> Tens
     return torch.cat([prefix(x[i : i + batch]) for i in range(0, len(x), batch)]).contiguous()
 
 
+_MEMO: dict[str, Tensor] = {}  # this process's last prefix outputs (a bench worker runs many fits)
+
+
 def _cached(prefix: nn.Module, images: TensorImages, at: str, cache: Path, log: Callable[[str], None]) -> Tensor:
-    path = cache / "prefix" / f"{_digest(prefix, images, at)}.pt"
+    key = _digest(prefix, images, at)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = cache / "prefix" / f"{key}.pt"
+    feats = None
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            feats = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # torch raises several types for a damaged file: compute it again
             log(f"cached prefix outputs {path} are unreadable; computing them again")
-    feats = _features(prefix, images)
-    atomic_write(path, lambda f: torch.save(feats, f))
+    if feats is None:
+        feats = _features(prefix, images)
+        atomic_write(path, lambda f: torch.save(feats, f))
+    if len(_MEMO) >= 8:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = feats
     return feats
 
 

@@ -4,6 +4,7 @@ shifted test set of :mod:`finereg.train.shift`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,24 +33,35 @@ def real_task(
     by ``data_seed``), and the shifted test set. Grey images stay one channel when the normalization is the same
     for every channel (the network's stem is folded to one input channel, the same function), else they are
     repeated to three."""
+    pool, valid, test, shift = _splits(name, image_size, tuple(mean), tuple(std))
+    train_index = stratified_subset(pool.labels, sample_rate, data_seed)
+    return TrainData(
+        name,
+        pool.subset(train_index) if sample_rate < 100 else pool,
+        test,
+        list(pool.classes),
+        valid=valid,
+        shift=shift,
+        pool=pool,
+        train_index=train_index if sample_rate < 100 else torch.arange(len(pool)),
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(name: str, image_size: int, mean: tuple, std: tuple) -> tuple[TensorImages, ...]:
+    """The pool, validation, test and shifted test images of ``name`` at ``image_size`` (made once per process:
+    a bench worker runs many fits; nothing modifies them in place)."""
     splits = split_target_set(name)
     d = splits.data
-    mean, std = tuple(mean), tuple(std)
     channels = 1 if len(set(mean)) == 1 and len(set(std)) == 1 else 3
 
     def images(x: Tensor, idx: Tensor) -> TensorImages:
         x = x.expand(-1, channels, -1, -1).contiguous() if channels != x.shape[1] else x
         return TensorImages(x, d.labels[idx], list(d.classes), shift=0, mean=mean[:channels], std=std[:channels])
 
-    pool = images(resize_images(d.images[splits.pool], image_size), splits.pool)
-    train_index = stratified_subset(pool.labels, sample_rate, data_seed)
-    return TrainData(
-        name,
-        pool.subset(train_index) if sample_rate < 100 else pool,
+    return (
+        images(resize_images(d.images[splits.pool], image_size), splits.pool),
+        images(resize_images(d.images[splits.val], image_size), splits.val),
         images(resize_images(d.images[splits.test], image_size), splits.test),
-        list(d.classes),
-        valid=images(resize_images(d.images[splits.val], image_size), splits.val),
-        shift=images(shifted(d.images[splits.test], image_size), splits.test),
-        pool=pool,
-        train_index=train_index if sample_rate < 100 else torch.arange(len(pool)),
+        images(shifted(d.images[splits.test], image_size), splits.test),
     )

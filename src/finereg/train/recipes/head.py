@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...head._source import source_outputs
 from ...head.bi_tuning import BiTuning, BiTuningClassifier
 from ...head.co_tuning import CoTuning, direct_relationship, reverse_relationship
 from ...head.kd import KnowledgeDistillation
@@ -22,16 +23,11 @@ __all__ = ["LwFRecipe", "CoTuningRecipe", "BiTuningRecipe"]
 def _source_outputs(ctx: Context) -> tuple[Tensor, Tensor]:
     """Logits of the pretrained classifier (backbone → source head) on the training set, deterministic view,
     in sample-index order; computed on rank 0 and broadcast."""
-    n, c = len(ctx.data.train), ctx.net.source_head.out_features
-    logits = torch.zeros(n, c)
+    logits = torch.zeros(len(ctx.data.train), ctx.net.source_head.out_features)
     if ctx.dist.is_main:
-        model = ctx.net.source_model()
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            for b in ctx.data.train.eval_batches(ctx.batch_size, ctx.device):
-                logits[b.index] = model(b.x).float().cpu()
-        model.train(was)
+        batches = ((b.x, b.y, b.index) for b in ctx.data.train.eval_batches(ctx.batch_size, ctx.device))
+        out = source_outputs(ctx.net.source_model(), batches, device=ctx.device)
+        logits[out.indices] = out.outputs.float()
     fdist.broadcast_tensor(logits)
     return logits, ctx.data.train.labels
 
@@ -44,14 +40,19 @@ class LwFRecipe(Recipe):
 
     name = "lwf"
     title = "LwF: Learning without Forgetting (Li & Hoiem, ECCV 2016)"
-    params = {"trade_off": HP(4.0, low=0), "temperature": HP(3.0, low=0, low_open=True)}
+    params = {
+        "trade_off": HP(4.0, low=0),
+        "temperature": HP(3.0, low=0, low_open=True),
+        # tllib leaves the source head out of the optimizer; LwF's paper trains it ("pretrained": backbone's rate)
+        "source_head": HP("excluded", str, choices=("excluded", "pretrained")),
+    }
 
     def __init__(self, **hp: Any):
         super().__init__(**hp)
         self.targets: Tensor | None = None
 
     def prepare(self, net: TransferNet) -> None:
-        net.use_source_head(self.name, train=True)
+        net.use_source_head(self.name, self.hp["source_head"])
 
     def setup(self, ctx: Context) -> None:
         if self.targets is None:
@@ -86,7 +87,7 @@ class CoTuningRecipe(Recipe):
         self.relationship: Tensor | None = None
 
     def prepare(self, net: TransferNet) -> None:
-        net.use_source_head(self.name, train=True)
+        net.use_source_head(self.name, "pretrained")  # tllib's Co-Tuning trains it at the backbone's rate
 
     def setup(self, ctx: Context) -> None:
         if self.relationship is None:
@@ -123,6 +124,8 @@ class BiTuningRecipe(Recipe):
         "m": HP(0.999, low=0, high=1),
         "temperature": HP(0.07, low=0, low_open=True),
         "projection_dim": HP(128, int, low=1),
+        # tllib trains the new projector at the backbone's rate; "new": at the head's
+        "projector": HP("pretrained", str, choices=("pretrained", "new")),
     }
     views = 2
 
@@ -135,6 +138,9 @@ class BiTuningRecipe(Recipe):
         return BiTuning(
             encoder_q, num_classes=len(ctx.data.classes), K=hp["K"], m=hp["m"], temperature=hp["temperature"]
         )
+
+    def parts(self, model: nn.Module) -> dict[str, str]:
+        return model.param_parts(projector=self.hp["projector"])
 
     def forward(self, model: nn.Module, batch: Batch) -> Outputs:
         y_q, logits_z, logits_y, labels_c = model(batch.x, batch.views[0], batch.y)
