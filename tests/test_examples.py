@@ -1,5 +1,6 @@
 """The scripts in examples/ run as a user runs them (the README points to them) and print their checks."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,18 @@ CASES = {
     ),
 }
 
+# --- trainer integrations (issue 12): real MiniLM, one epoch, one thread; the fine-tuned head must have learned ------
+CASES["hf_trainer_l2sp.py"] = (
+    ["--epochs", "1", "--threads", "1"],
+    ["loss = task_loss + bss at every step: True", "optimizer: DecoupledL2SP(AdamW)", "after fine-tuning: val"],
+)
+CASES["lightning_delta.py"] = (
+    ["--epochs", "1", "--threads", "1"],
+    ["with a frozen copy: frozen True, separate True", "after fine-tuning: val"],
+)
+MIN_VAL_ACCURACY = {"hf_trainer_l2sp.py": 40.0, "lightning_delta.py": 40.0}  # 6 classes: chance is 16.7 %
+# ---------------------------------------------------------------------------------------------------------------------
+
 
 def test_every_example_is_covered():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(CASES)
@@ -38,3 +51,6 @@ def test_example_runs(script):
         assert line in out.stdout, f"{script}: {line!r} not in its output:\n{out.stdout}"
     steps = [ln for ln in out.stdout.splitlines() if ln.startswith("step ")]
     assert all("max|Δ frozen| 0.0e+00" in ln for ln in steps), steps  # frozen filters never move
+    if script in MIN_VAL_ACCURACY:  # trainer integrations (issue 12)
+        val = float(re.search(r"after fine-tuning: val ([0-9.]+)%", out.stdout).group(1))
+        assert val >= MIN_VAL_ACCURACY[script], out.stdout

@@ -19,6 +19,8 @@ SUBPACKAGES = [
     "finereg.optim",
     "finereg.merge",
     "finereg.models",
+    # trainer integrations (issue 12); the trainers themselves are imported on demand
+    "finereg.integrations",
 ]
 
 
@@ -101,6 +103,6 @@ def test_core_import_needs_only_torch():
         "import sys, torch; before = set(sys.modules); import finereg; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
         "heavy = new & {'torchvision', 'timm', 'transformers', 'tqdm', 'matplotlib', 'sklearn', 'tensorboard', "
-        "'PIL', 'scipy'}; assert not heavy, heavy"
+        "'PIL', 'scipy', 'lightning', 'accelerate', 'pytorch_lightning'}; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
