@@ -18,7 +18,7 @@ from finereg.train.methods import build_recipes, default_weight_decay, method_na
 from finereg.train.models import build_model
 from finereg.train.probe import pretrained_features
 from finereg.train.recipes.robust import ValidStream
-from tests.train._util import image_folder
+from tests.train._util import image_folder, png
 
 QUIET = dict(log=lambda m: None)
 NEW = ["spd", "ftp", "l2sp-decoupled", "tpgm", "lp-ft"]
@@ -258,3 +258,28 @@ def test_lp_ft_starts_from_the_probe_at_a_tenth_of_the_learning_rate(tmp_path, t
     probe = load_checkpoint(res.run_dir)["recipes"]["lp-ft"]["probe"]
     assert probe["weight"].shape == (5, 128) and probe["bias"].shape == (5,)
     assert any("L2" in m and "chosen on the validation split" in m for m in logs)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_lp_ft_batchnorm_eval_keeps_the_pretrained_statistics(tmp_path, keep):
+    """ResNet-18 (BatchNorm) on an ImageFolder with a valid/ split: with lp-ft.batchnorm_eval the running statistics
+    never move during training; without it they do."""
+    root = tmp_path / "data"
+    image_folder(root, per_class=4)
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(2):
+            png(root / "valid" / name / f"{i}.png", 60 * c + 20 * i + 5)
+    cfg = FitConfig(data=str(root), arch="resnet18", weights="none", method="lp-ft",
+                    set={"lp-ft.batchnorm_eval": keep}, image_size=16, epochs=1, iters_per_epoch=2, batch_size=4,
+                    workers=0, out=str(tmp_path / "run"), progress=False, tensorboard=False)  # fmt: skip
+    logs = []
+    res = fit(cfg, log=logs.append)
+    assert any("chosen on the validation split" in m for m in logs)  # the ImageFolder's valid/ chose λ
+    net = load_checkpoint(res.run_dir)["net"]
+    means = [v for k, v in net.items() if k.endswith("running_mean")]
+    tracked = [int(v) for k, v in net.items() if k.endswith("num_batches_tracked")]
+    assert len(means) == 20
+    if keep:  # random init: mean 0, nothing tracked
+        assert all(torch.equal(m, torch.zeros_like(m)) for m in means) and set(tracked) == {0}
+    else:
+        assert not all(torch.equal(m, torch.zeros_like(m)) for m in means) and set(tracked) == {2}

@@ -225,6 +225,12 @@ class TPGMRecipe(Recipe):
             self._hook = None
 
 
+def _batchnorm_eval_in_training(module, args) -> None:
+    """Forward pre-hook: BatchNorm layers in eval mode whenever ``module`` trains (returns None: args unchanged)."""
+    if module.training:
+        batchnorm_eval_(module)
+
+
 @register
 class LPFTRecipe(Recipe):
     """LP-FT (Kumar et al., ICLR 2022): stage 1 fits the new head as a linear probe on the frozen pretrained
@@ -258,7 +264,7 @@ class LPFTRecipe(Recipe):
         if self.hp["batchnorm_eval"]:
             if batchnorm_eval_(ctx.net) == 0:
                 ctx.log("lp-ft.batchnorm_eval: the network has no BatchNorm layer; nothing to keep in eval mode")
-            self._hook = ctx.net.register_forward_pre_hook(lambda m, args: batchnorm_eval_(m) if m.training else None)
+            self._hook = ctx.net.register_forward_pre_hook(_batchnorm_eval_in_training)
 
     def wrap_optimizer(self, optimizer, ctx):
         for g in optimizer.param_groups:
