@@ -5,7 +5,7 @@ Side by side in one run, on the same model (torchvision ResNet-18, random init, 
              layer and every output channel j: ``state_dict()[layer.weight][j] = 0``, a full forward, the loss
              increase, restore; running mean over batches. Run under ``torch.no_grad()`` (tllib keeps autograd on,
              which would only make it slower).
-  exact    — ``finereg.feature.delta.channel_importance(method="exact")``: the network before the layer runs once
+  exact    — ``finereg.feature.attention.channel_importance(method="exact")``: the network before the layer runs once
              per batch, the ablations go through the rest of it in chunks folded into the batch (torch.fx split).
   taylor   — ``method="taylor"``: one forward + backward per batch, first-order estimate.
 Checks that naive and exact give the same loss increases and the same attention (float32 tolerances, below), prints
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from finereg.feature.delta import attention_from_importance, channel_importance
+from finereg.feature.attention import attention_from_importance, channel_importance
 
 
 def naive_loop(model, layers, batches):

@@ -38,7 +38,7 @@ def main() -> None:
 
     conv = nn.Conv2d(1024, 10, kernel_size=1, bias=False)  # Keras: Conv2D(10, (1, 1)) on (7, 7, 1024)
     group = WeightGroup(conv)  # 10 rows (filters) × 1024
-    penalty = Orthogonality(group, coef=0.01)  # Keras-equal, rows = output units
+    penalty = Orthogonality(group, factor=0.01)  # Keras-equal, rows = output units
     keras_reg = OrthogonalRegularizer(0.01, mode="columns")  # Keras kernel (1,1,1024,10): filters are columns
     print(f"conv weight {tuple(conv.weight.shape)} -> group matrix {group.shape}")
     print(
@@ -92,7 +92,7 @@ def main() -> None:
     # the seed's Keras workaround, for comparison: one regularizer over three separate layers
     parts = [nn.Conv2d(1024, k, 1, bias=False) for k in (3, 3, 4)]
     split = WeightGroup(parts)  # joined along rows: one 10 × 1024 matrix
-    print(f"3 separate layers as one group: {split.shape}, penalty {Orthogonality(split, coef=0.01)().item():.6f}")
+    print(f"3 separate layers as one group: {split.shape}, penalty {Orthogonality(split, factor=0.01)().item():.6f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import finereg
 
 SUBPACKAGES = [
+    "finereg",
     "finereg.weight",
     "finereg.feature",
     "finereg.head",
@@ -17,6 +18,7 @@ SUBPACKAGES = [
     # robust fine-tuning (issue 11)
     "finereg.optim",
     "finereg.merge",
+    "finereg.models",
 ]
 
 
@@ -50,6 +52,44 @@ def test_top_level_has_every_family():
     ]:
         assert n in finereg.__all__ and callable(getattr(finereg, n)), n
     assert len(set(finereg.__all__)) == len(finereg.__all__), "a name is exported by two families"
+
+
+def test_top_level_holds_user_facing_names_only():
+    """Helpers stay importable from their modules, not from ``finereg`` (README, Conventions)."""
+    from finereg.head.lwf import IndexedDataset  # noqa: F401
+    from finereg.reparam.standardize import VARIANTS  # noqa: F401
+    from finereg.weight.l2 import canonical_name  # noqa: F401
+
+    helpers = {"canonical_name", "IndexedDataset", "VARIANTS", "ConversionReport", "GroupPenalty", "BSS_METHODS"}
+    assert not helpers & set(finereg.__all__)
+    assert "param_groups" in finereg.__all__
+
+
+def test_one_name_per_concept():
+    """README, Conventions: ``factor`` is the one coefficient of single-coefficient weight penalties, ``temperature``
+    the one temperature; L2-SP keeps the paper's alpha / beta; compat.tllib keeps tllib's names."""
+    import inspect
+
+    from finereg.compat import tllib
+
+    params = lambda obj: set(inspect.signature(obj).parameters)
+    for cls in (
+        finereg.L2,
+        finereg.Orthogonality,
+        finereg.SoftOrthogonality,
+        finereg.DoubleSoftOrthogonality,
+        finereg.MutualCoherence,
+        finereg.SRIP,
+        finereg.CallablePenalty,
+    ):
+        assert "factor" in params(cls) and not {"coef", "alpha", "weight_decay"} & params(cls), cls
+    assert {"alpha", "beta"} <= params(finereg.L2SP)
+    for fn in (finereg.kd_loss, finereg.KnowledgeDistillation, finereg.BiTuning):
+        assert "temperature" in params(fn) and "T" not in params(fn), fn
+    assert "T" in params(tllib.KnowledgeDistillationLoss) and "T" in params(tllib.BiTuning)
+    # output losses carry no coefficient
+    for fn in (finereg.behavioral_penalty, finereg.kd_loss, finereg.co_tuning_loss, finereg.bi_tuning_loss):
+        assert not {"trade_off", "factor", "weight"} & params(fn), fn
 
 
 def test_core_import_needs_only_torch():

@@ -1,25 +1,105 @@
 """finereg: regularized fine-tuning and weight-structure constraints for PyTorch.
 
-The public names of the four families live here; the engine is :mod:`finereg.train`, the drop-in
-replacements for tllib and Keras are :mod:`finereg.compat.tllib` and :mod:`finereg.compat.keras`.
+The user-facing names live here (README, Conventions): the four families of regularizers, the learning-rate
+policy, the robust fine-tuning methods (optimizer wrappers, weight space, LP-FT) and ``create_model``; helpers
+stay importable from their modules (``finereg.weight.l2.canonical_name``, ``finereg.head.lwf.IndexedDataset``,
+``finereg.reparam.standardize.VARIANTS`` ...). The engine is :mod:`finereg.train`, the drop-in replacements for tllib
+and Keras are :mod:`finereg.compat.tllib` and :mod:`finereg.compat.keras`.
 """
 
-from .feature import *  # noqa: F401,F403
-from .feature import __all__ as _feature
-from .head import *  # noqa: F401,F403
-from .head import __all__ as _head
-from .reparam import *  # noqa: F401,F403
-from .reparam import __all__ as _reparam
-from .weight import *  # noqa: F401,F403
-from .weight import __all__ as _weight
+from .feature import (
+    BSS,
+    AttentionBehavioralPenalty,
+    BehavioralPenalty,
+    FeatureCapture,
+    attention_behavioral_penalty,
+    batch_spectral_shrinkage,
+    behavioral_penalty,
+    channel_attention,
+    channel_importance,
+    train_attention_classifier,
+)
+from .head import (
+    BiTuning,
+    BiTuningClassifier,
+    CategoryRelationship,
+    CoTuning,
+    CoTuningLoss,
+    KnowledgeDistillation,
+    LwFClassifier,
+    bi_tuning_loss,
+    co_tuning_loss,
+    direct_relationship,
+    kd_loss,
+    record_source_predictions,
+    reverse_relationship,
+)
+from .lp_ft import LinearProbe, batchnorm_eval_, fit_linear_probe
+from .lr_policy import param_groups
+from .merge import TPGM, fisher_diagonal, greedy_soup, uniform_soup, wise_ft, wise_ft_sweep
+from .models import create_model
+from .optim import FTP, SPD, DecoupledL2SP
+from .reparam import WeightStandardization, bake, batchnorm_to_groupnorm, freeze, frozen_mask, standardize, unfreeze
+from .weight import (
+    L2,
+    L2SP,
+    SRIP,
+    CallablePenalty,
+    DoubleSoftOrthogonality,
+    MutualCoherence,
+    Orthogonality,
+    SoftOrthogonality,
+    WeightGroup,
+)
 
-# --- robust fine-tuning (issue 11): optimizer wrappers, weight-space methods, LP-FT ---------------------------
-# isort: split
-from .lp_ft import LinearProbe, batchnorm_eval_, fit_linear_probe  # noqa: F401
-from .merge import TPGM, fisher_diagonal, greedy_soup, uniform_soup, wise_ft, wise_ft_sweep  # noqa: F401
-from .optim import FTP, SPD, DecoupledL2SP  # noqa: F401
-
-_robust = [
+__version__ = "0.1.0"
+__all__ = [
+    # weight penalties
+    "L2",
+    "L2SP",
+    "WeightGroup",
+    "Orthogonality",
+    "SoftOrthogonality",
+    "DoubleSoftOrthogonality",
+    "MutualCoherence",
+    "SRIP",
+    "CallablePenalty",
+    # feature penalties
+    "FeatureCapture",
+    "behavioral_penalty",
+    "attention_behavioral_penalty",
+    "BehavioralPenalty",
+    "AttentionBehavioralPenalty",
+    "channel_importance",
+    "channel_attention",
+    "train_attention_classifier",
+    "BSS",
+    "batch_spectral_shrinkage",
+    # head losses
+    "kd_loss",
+    "KnowledgeDistillation",
+    "LwFClassifier",
+    "record_source_predictions",
+    "co_tuning_loss",
+    "CoTuningLoss",
+    "CoTuning",
+    "CategoryRelationship",
+    "direct_relationship",
+    "reverse_relationship",
+    "BiTuningClassifier",
+    "BiTuning",
+    "bi_tuning_loss",
+    # reparameterizations
+    "freeze",
+    "unfreeze",
+    "frozen_mask",
+    "standardize",
+    "bake",
+    "WeightStandardization",
+    "batchnorm_to_groupnorm",
+    # learning-rate policy
+    "param_groups",
+    # robust fine-tuning: optimizer wrappers, weight space, LP-FT
     "SPD",
     "FTP",
     "DecoupledL2SP",
@@ -32,8 +112,6 @@ _robust = [
     "fit_linear_probe",
     "LinearProbe",
     "batchnorm_eval_",
+    # networks (timm / torchvision names; packaged ImageNet weights offline)
+    "create_model",
 ]
-# ------------------------------------------------------------------------------------------------------------
-
-__version__ = "0.1.0"
-__all__ = [*_weight, *_feature, *_head, *_reparam, *_robust]

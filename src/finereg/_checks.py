@@ -1,8 +1,9 @@
 """Argument validation with one message shape, and the base class of expected user errors.
 
 Every public function checks its inputs with these helpers, as Keras' regularizers validate theirs with one
-function: a bad value raises :class:`FineregError` (a ``ValueError``) reading ``"<name> must be <rule>, got
-<value>"``, so the command line can print it as one clear line while anything unexpected keeps its traceback.
+function: a bad value raises :class:`FineregError` (a ``ValueError``; :class:`FineregTypeError`, also a
+``TypeError``, when the value has the wrong type) reading ``"<name> must be <rule>, got <value>"``, so the command
+line can print it as one clear line while anything unexpected keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,19 +15,36 @@ from typing import Any
 
 __all__ = [
     "FineregError",
+    "FineregTypeError",
+    "FineregIndexError",
     "UnknownNameError",
     "MissingFileError",
     "MissingDependencyError",
+    "FineregWarning",
     "check_number",
     "check_int",
     "check_choice",
     "check_bool",
+    "check_type",
 ]
 
 
 class FineregError(ValueError):
     """An expected error caused by the user's input (a bad argument, file or setting); its message says what is
     wrong and how to fix it. The ``finereg`` command prints it as one line; other exceptions keep their traceback."""
+
+
+class FineregTypeError(FineregError, TypeError):
+    """An argument of the wrong type (a string where a number belongs, a tensor where a module belongs ...). Also a
+    ``TypeError``, the builtin type such errors had before, so code that catches that keeps working."""
+
+
+class FineregIndexError(FineregError, IndexError):
+    """An index out of range (e.g. an output unit a layer does not have). Also an ``IndexError``."""
+
+
+class FineregWarning(UserWarning):
+    """A call that did nothing or less than asked (e.g. a conversion that found nothing to convert)."""
 
 
 class UnknownNameError(FineregError, KeyError):
@@ -71,7 +89,7 @@ def check_number(
     if rule:
         what += f" {rule}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise FineregError(f"{name} must be {what}, got {value!r}")
+        raise FineregTypeError(f"{name} must be {what}, got {value!r}")
     v = float(value)
     if (finite and not math.isfinite(v)) or math.isnan(v):
         raise FineregError(f"{name} must be {what}, got {value!r}")
@@ -84,10 +102,10 @@ def check_number(
 
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int, checked: an integer (``2.0`` is accepted, ``2.7`` and ``True`` are not) inside
-    ``[low, high]``."""
+    ``[low, high]``. A value that is not a number at all raises :class:`FineregTypeError`."""
     what = "an integer" + (f" {_rule(low, high, False, False)}" if low is not None or high is not None else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise FineregError(f"{name} must be {what}, got {value!r}")
+        raise FineregTypeError(f"{name} must be {what}, got {value!r}")
     if isinstance(value, numbers.Integral):
         v = int(value)
     elif math.isfinite(float(value)) and float(value).is_integer():
@@ -109,5 +127,12 @@ def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
 def check_bool(value: Any, name: str) -> bool:
     """``value`` if it is a bool (``0`` / ``1`` and strings are refused: they hide typos)."""
     if not isinstance(value, bool):
-        raise FineregError(f"{name} must be True or False, got {value!r}")
+        raise FineregTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_type(value: Any, name: str, types: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it is an instance of ``types``; ``what`` describes them in the message (``"an nn.Module"``)."""
+    if not isinstance(value, types):
+        raise FineregTypeError(f"{name} must be {what}, got {type(value).__name__}")
     return value

@@ -20,25 +20,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import FineregError
+from ._utils import class_ranks
 
 __all__ = ["stratified_split", "fit_logreg", "l2_path", "PathPoint", "check_grid"]
 
 
 def stratified_split(labels: Tensor, n_classes: int, fraction: float, generator: torch.Generator) -> Tensor:
     """Boolean mask of held-out samples: ``round(fraction·n_c)`` per class, at least 1 where a class has two
-    or more samples, never all of a class."""
-    n = len(labels)
-    perm = torch.randperm(n, generator=generator)
-    order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random within class
-    sorted_labels = labels[order]
+    or more samples, never all of a class (the first of a random order of each class)."""
+    rank = class_ranks(labels, n_classes, generator=generator)
     counts = torch.bincount(labels, minlength=n_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - starts[sorted_labels]
     n_hold = torch.clamp(torch.round(counts.double() * fraction).long(), min=1)
     n_hold = torch.minimum(n_hold, counts - 1)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[order] = rank < n_hold[sorted_labels]
-    return mask
+    return rank < n_hold[labels]
 
 
 def fit_logreg(

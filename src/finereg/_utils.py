@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ._checks import UnknownNameError
+from ._checks import FineregError, FineregTypeError, UnknownNameError
 
 __all__ = [
     "unwrap",
@@ -21,9 +21,9 @@ __all__ = [
     "close_matches",
     "unknown_name_error",
     "get_submodule",
-    "match_names",
     "atomic_write",
     "name_list",
+    "class_ranks",
 ]
 
 # Prefixes that wrappers add to parameter and module names: DistributedDataParallel / DataParallel
@@ -62,12 +62,14 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
     return found
 
 
-def unknown_name_error(kind: str, name: str, candidates: Iterable[str], hint: str = "") -> UnknownNameError:
+def unknown_name_error(
+    kind: str, name: str, candidates: Iterable[str], hint: str = "", *, what: str | None = None
+) -> UnknownNameError:
     """An :class:`UnknownNameError` (a ``KeyError``) for an unknown ``name``, listing close matches among
-    ``candidates``."""
+    ``candidates``. The message starts with ``what`` (default ``"no <kind> named <name>"``)."""
     candidates = list(candidates)
     near = close_matches(name, candidates)
-    msg = f"no {kind} named {name!r}"
+    msg = what or f"no {kind} named {name!r}"
     if near:
         msg += f"; did you mean one of: {', '.join(map(repr, near))}?"
     else:
@@ -93,15 +95,6 @@ def get_submodule(model: nn.Module, name: str) -> nn.Module:
             (n for n, _ in model.named_modules() if n),
             hint="(names are those of model.named_modules())",
         ) from None
-
-
-def match_names(names: Sequence[str], patterns: str | Sequence[str] | None) -> list[str]:
-    """The names (in their order) matching any glob pattern (``fnmatch``: ``layer3.*.conv2``, ``*.bias``)."""
-    if patterns is None:
-        return list(names)
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], *, replace: bool = True) -> Path:
@@ -145,12 +138,35 @@ def name_list(names: str | Iterable[str], what: str, example: str) -> list[str]:
     (after removing wrapper prefixes). ``what`` names the argument in the errors, ``example`` shows a valid one."""
     names = [names] if isinstance(names, str) else list(names)
     if not names:
-        raise ValueError(f"{what} is empty: give {example} (see model.named_modules())")
+        raise FineregError(f"{what} is empty: give {example} (see model.named_modules())")
     bad = [n for n in names if not isinstance(n, str)]
     if bad:
-        raise TypeError(f"{what} must be str, got {bad!r}")
+        raise FineregTypeError(f"{what} must be str, got {bad!r}")
     stripped = [strip_prefixes(n) for n in names]
     dupes = sorted({n for n in stripped if stripped.count(n) > 1})
     if dupes:
-        raise ValueError(f"{what} given more than once: {dupes}")
+        raise FineregError(f"{what} given more than once: {dupes}")
     return names
+
+
+def class_ranks(labels: Tensor, num_classes: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+    """Each sample's rank among the samples of its class (0 = first), as an int64 tensor like ``labels``.
+
+    Without ``generator`` the order is the samples' order in ``labels``; with one, a random order drawn from it
+    (``randperm`` on the generator's device): samples of rank < k_c then form a random subset of k_c samples of
+    class c, nested for growing k_c. One stable sort, no loop over classes.
+    """
+    labels = torch.as_tensor(labels).long()
+    n = labels.numel()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if n else 0
+    if generator is None:
+        order = torch.sort(labels, stable=True).indices
+    else:
+        perm = torch.randperm(n, generator=generator, device=generator.device).to(labels.device)
+        order = perm[torch.sort(labels[perm], stable=True).indices]  # grouped by class, random within a class
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(labels)
+    ranks[order] = torch.arange(n, device=labels.device) - starts[labels[order]]
+    return ranks

@@ -52,7 +52,7 @@ def test_torch_layout_matches_keras_layout_and_core_penalty():
     assert math.isclose(float(reg(conv.weight.detach(), layout="torch")), expected, rel_tol=1e-5)
     assert math.isclose(float(reg(keras_kernel)), expected, rel_tol=1e-5)
     # finereg's own rows = output units: mode="rows" there is Keras's mode="columns" on a Keras kernel
-    assert math.isclose(Orthogonality(WeightGroup(conv), coef=0.01, mode="rows")().item(), expected, rel_tol=1e-5)
+    assert math.isclose(Orthogonality(WeightGroup(conv), factor=0.01, mode="rows")().item(), expected, rel_tol=1e-5)
     # and Keras's rows mode (input-side vectors; row order differs, the value does not)
     assert math.isclose(
         float(OrthogonalRegularizer(0.01, "rows")(conv.weight.detach(), layout="torch")),

@@ -1,21 +1,19 @@
-"""DELTA penalties and channel attention: golden values, conventions, batched vs per-channel loop, Taylor, errors."""
+"""DELTA penalties: golden values (tllib), layout conventions, bad input, and the DELTA pipeline end to end."""
 
 from collections import OrderedDict
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from finereg._checks import FineregError
+from finereg.feature.attention import channel_attention
+from finereg.feature.attention_classifier import train_attention_classifier
 from finereg.feature.delta import (
     AttentionBehavioralPenalty,
     BehavioralPenalty,
     attention_behavioral_penalty,
-    attention_from_importance,
     behavioral_penalty,
-    channel_attention,
-    channel_importance,
-    train_attention_classifier,
 )
 
 TOL = dict(rtol=1e-6, atol=1e-8)
@@ -151,316 +149,6 @@ def test_penalty_errors():
         attention_behavioral_penalty(s, t, [torch.ones(2)], channel_dim=0)
 
 
-# ---------------------------------------------------------------- channel attention: golden ----
-def _golden_attention_setup(golden, build_arch):
-    case = golden["channel_attention"]
-    model = build_arch(case).eval()
-    return case, model, [tuple(b) for b in case["batches"]]
-
-
-@pytest.mark.parametrize("strategy,chunk", [("split", None), ("split", 1), ("split", 5), ("hook", 3), ("auto", 100)])
-def test_channel_attention_golden(golden, build_arch, strategy, chunk):
-    case, model, batches = _golden_attention_setup(golden, build_arch)
-    imp = channel_importance(model, case["layers"], batches, strategy=strategy, chunk_size=chunk)
-    assert list(imp) == list(case["layers"])
-    for got, ref in zip(imp.values(), case["raw_loss_increase"]):
-        torch.testing.assert_close(got, ref, **TOL)
-    att = channel_attention(model, case["layers"], iter(batches), strategy=strategy, chunk_size=chunk)
-    for got, ref in zip(att.values(), case["attention"]):
-        torch.testing.assert_close(got, ref, **TOL)
-        assert got.dtype == torch.float64  # the model's dtype
-
-
-def test_model_state_untouched(golden, build_arch):
-    case, model, batches = _golden_attention_setup(golden, build_arch)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    channel_importance(model, case["layers"], batches)
-    channel_importance(model, case["layers"], batches, method="taylor")
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert all(not m._forward_hooks for m in model.modules())
-    assert all(p.grad is None for p in model.parameters())
-
-
-# ---------------------------------------------------------------- batched == per-channel loop ----
-def naive_importance(model, layers, batches, criterion=F.cross_entropy, channels=None):
-    """tllib's loop: weight[j] = 0, full forward, restore; running mean over batches."""
-    out = {}
-    with torch.no_grad():
-        for name in layers:
-            w = model.get_submodule(name).weight
-            js = range(w.shape[0]) if channels is None else channels
-            vals = torch.zeros(len(js), dtype=torch.float64)
-            for i, (x, y) in enumerate(batches):
-                loss0 = criterion(model(x), y)
-                for jj, j in enumerate(js):
-                    tmp = w[j].clone()
-                    w[j] = 0
-                    vals[jj] = (i * vals[jj] + (criterion(model(x), y) - loss0).item()) / (i + 1)
-                    w[j] = tmp
-            out[name] = vals
-    return out
-
-
-def test_resnet_matches_loop_with_residual_branch():
-    """torchvision ResNet (BasicBlock, one block per stage: ResNet-18's blocks, kept small for CI time), float64."""
-    from torchvision.models.resnet import BasicBlock, ResNet
-
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4).double().eval()
-    batches = [(torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 3])) for _ in range(2)]
-    layers = ["layer3.0.conv1", "layer4.0.conv2"]  # the downsample / identity branches cross both cuts
-    exact = channel_importance(model, layers, batches, strategy="split", chunk_size=128)
-    assert [v.numel() for v in exact.values()] == [256, 512]
-    js = [0, 5, 17, 100, 255]
-    ref = naive_importance(model, layers, batches, channels=js)
-    for name in layers:
-        torch.testing.assert_close(exact[name][js], ref[name], rtol=1e-9, atol=1e-12)
-
-
-class _MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.out(torch.tanh(self.fc2(h)) + h)  # skip connection around fc2
-
-
-class _Shared(_MLP):
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        return self.out(torch.tanh(self.fc2(torch.tanh(self.fc2(h)))))  # fc2 called twice
-
-
-class _Dynamic(_MLP):
-    def forward(self, x):
-        h = torch.relu(self.fc1(x))
-        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-            h = h * 2
-        return self.out(self.fc2(h))
-
-
-class _BatchSizeAfter(_MLP):
-    def forward(self, x):
-        b = x.shape[0]  # an int computed before the layer, used after it
-        h = self.fc2(torch.relu(self.fc1(x)))
-        return self.out(h.reshape(b, -1))
-
-
-class _TokenLinear(nn.Module):
-    """(b, tokens, d) layout: Linear channels are the last dim."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj, self.head = nn.Linear(5, 7), nn.Linear(7, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.proj(x)).mean(1))
-
-
-@pytest.mark.parametrize(
-    "cls,strategy",
-    [
-        (_MLP, "split"),
-        (_Shared, "auto"),
-        (_Shared, "hook"),
-        (_Dynamic, "auto"),
-        (_BatchSizeAfter, "auto"),
-        (_TokenLinear, "split"),
-    ],
-)
-def test_linear_models_match_loop(cls, strategy):
-    model = cls().double().eval()
-    shape = (4, 3, 5) if cls is _TokenLinear else (4, 6)
-    batches = [(torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(3)]
-    layers = ["proj"] if cls is _TokenLinear else ["fc1", "fc2"]
-    got = channel_importance(model, layers, batches, strategy=strategy, chunk_size=3)
-    ref = naive_importance(model, layers, batches)
-    for name in layers:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize(
-    "cls,match",
-    [
-        (_Shared, "calls layer 'fc2' 2 times"),
-        (_Dynamic, "could not trace"),
-        (_BatchSizeAfter, "not a tensor with the batch"),
-    ],
-)
-def test_split_refuses_what_it_cannot_batch(cls, match):
-    model = cls().double().eval()
-    batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,)))]
-    with pytest.raises(RuntimeError, match=match):
-        channel_importance(model, ["fc2"], batches, strategy="split")
-
-
-def test_custom_criteria_match_loop():
-    model = _MLP().double().eval()
-    batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))) for _ in range(2)]
-    smooth = nn.CrossEntropyLoss(label_smoothing=0.2)
-    for crit in (smooth, lambda out, y: F.cross_entropy(out, y) + 0.0 * float(out.sum().item())):  # 2nd: no vmap
-        got = channel_importance(model, ["fc1"], batches, crit, chunk_size=4)
-        ref = naive_importance(model, ["fc1"], batches, criterion=crit)
-        torch.testing.assert_close(got["fc1"], ref["fc1"], rtol=1e-9, atol=1e-12)
-
-
-def test_wrapped_models_are_evaluated_unwrapped():
-    model = _MLP().double().eval()
-    batches = [(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,)))]
-    ref = channel_importance(model, ["fc1"], batches)["fc1"]
-    compiled = torch.compile(model, backend="eager")
-    compiled(batches[0][0])  # hooks added after a compiled call would not run in compiled code
-    for wrapped in (compiled, nn.DataParallel(model)):
-        for strategy in ("split", "hook"):
-            name = "module.fc1" if isinstance(wrapped, nn.DataParallel) else "fc1"
-            got = channel_importance(wrapped, [name], batches, strategy=strategy)
-            torch.testing.assert_close(got[name], ref, rtol=1e-9, atol=1e-12)  # keyed as given
-        torch.testing.assert_close(
-            channel_importance(wrapped, ["fc1"], batches, method="taylor")["fc1"],
-            channel_importance(model, ["fc1"], batches, method="taylor")["fc1"],
-        )
-
-
-def test_dict_inputs():
-    class KW(_MLP):
-        def forward(self, x, scale=1.0):
-            return super().forward(x * scale)
-
-    model = KW().double().eval()
-    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
-    got = channel_importance(model, ["fc2"], [({"x": x, "scale": 2.0}, y)])
-    ref = naive_importance(model, ["fc2"], [(x * 2.0, y)])
-    torch.testing.assert_close(got["fc2"], ref["fc2"], rtol=1e-9, atol=1e-12)
-
-
-# ---------------------------------------------------------------- Taylor ----
-def test_taylor_equals_weight_gradient_formula(golden, build_arch):
-    """Δ_j ≈ Σ ∂L/∂y_j·(b_j − y_j) at the output equals −Σ ∂L/∂W_j ⊙ W_j at the filter (conv with and without bias)."""
-    case, model, batches = _golden_attention_setup(golden, build_arch)
-    got = channel_importance(model, case["layers"], batches, method="taylor")
-    ref = {n: torch.zeros(model.get_submodule(n).out_channels, dtype=torch.float64) for n in case["layers"]}
-    for i, (x, y) in enumerate(batches):
-        model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        for n in case["layers"]:
-            w = model.get_submodule(n).weight
-            ref[n] = (i * ref[n] - (w.grad * w).flatten(1).sum(1)) / (i + 1)
-    model.zero_grad()
-    for n in case["layers"]:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
-
-
-def test_taylor_ranks_like_exact_and_frozen_params(golden, build_arch):
-    from scipy.stats import spearmanr
-
-    case, model, batches = _golden_attention_setup(golden, build_arch)
-    exact = channel_importance(model, case["layers"], batches)
-    for p in model.parameters():
-        p.requires_grad_(False)  # Taylor works on a frozen model too
-    taylor = channel_importance(model, case["layers"], batches, method="taylor")
-    for n in case["layers"]:
-        assert spearmanr(taylor[n].numpy(), exact[n].numpy()).statistic > 0.9
-
-
-# ---------------------------------------------------------------- attention from importance ----
-def test_attention_from_importance():
-    w = torch.tensor([0.1, 0.4, -0.2, 0.3], dtype=torch.float64)
-    z = (w - w.mean()) / w.std(correction=0)
-    torch.testing.assert_close(attention_from_importance([w])[0], torch.softmax(z / 5, 0), **TOL)
-    torch.testing.assert_close(
-        attention_from_importance({"a": w}, temperature=2.0)["a"], torch.softmax(z / 2, 0), **TOL
-    )
-    # all channels alike: tllib divides 0 by 0 (NaN); finereg gives uniform weights
-    torch.testing.assert_close(attention_from_importance([torch.zeros(4)])[0], torch.full((4,), 0.25).double())
-    with pytest.raises(ValueError, match="temperature"):
-        attention_from_importance([w], temperature=0)
-    with pytest.raises(ValueError, match="1-D"):
-        attention_from_importance([torch.zeros(2, 2)])
-
-
-# ---------------------------------------------------------------- channel attention: bad input ----
-def test_channel_attention_errors(golden, build_arch):
-    case, model, batches = _golden_attention_setup(golden, build_arch)
-    with pytest.raises(KeyError, match="did you mean"):
-        channel_importance(model, ["33"], batches)
-    with pytest.raises(TypeError, match="BatchNorm2d.*needs a layer with output channels"):
-        channel_importance(model, ["1"], batches)
-    with pytest.raises(ValueError, match="empty"):
-        channel_importance(model, [], batches)
-    with pytest.raises(ValueError, match="more than once"):
-        channel_importance(model, ["0", "0"], batches)
-    with pytest.raises(ValueError, match="method"):
-        channel_importance(model, ["0"], batches, method="fast")
-    with pytest.raises(ValueError, match="strategy"):
-        channel_importance(model, ["0"], batches, strategy="fx")
-    with pytest.raises(ValueError, match="chunk_size"):
-        channel_importance(model, ["0"], batches, chunk_size=0)
-    with pytest.raises(ValueError, match="no \\(inputs, labels\\) pairs"):
-        channel_importance(model, ["0"], [])
-    with pytest.raises(TypeError, match="\\(inputs, labels\\) pair"):
-        channel_importance(model, ["0"], [batches[0][0]])
-    with pytest.raises(TypeError, match="iterable of \\(inputs, labels\\)"):
-        channel_importance(model, ["0"], batches[0][0])
-    with pytest.raises(ValueError, match="scalar loss"):
-        channel_importance(model, ["0"], batches, lambda o, y: F.cross_entropy(o, y, reduction="none"))
-    model.train()
-    with pytest.raises(ValueError, match="eval mode.*Modules in training mode"):
-        channel_importance(model, ["0"], batches)
-    with pytest.raises(ValueError, match="eval mode"):
-        channel_importance(model, ["0"], batches, method="taylor")
-    model.eval()
-    model[1].train()
-    with pytest.raises(ValueError, match="eval mode.*\\['1'\\]"):  # any module in training mode
-        channel_importance(model, ["0"], batches)
-
-
-# ---------------------------------------------------------------- attention classifier ----
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU())
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-def test_train_attention_classifier_freezes_backbone():
-    net = _Net().train()
-    net.backbone[0].weight.requires_grad_(True)
-    x = torch.randn(48, 6)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    data = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 48, 16)]
-    backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
-    head_before = net.head.weight.clone()
-    losses = train_attention_classifier(net, "head", data, epochs=8, lr=0.1)
-    assert len(losses) == 8 and losses[-1] < losses[0]
-    for k, v in net.backbone.state_dict().items():  # weights and BatchNorm running stats untouched
-        assert torch.equal(v, backbone_before[k]), k
-    assert not torch.equal(net.head.weight, head_before)
-    assert net.training and net.backbone[1].training  # modes restored
-    assert all(p.requires_grad for p in net.parameters())  # flags restored
-    assert net.backbone[0].weight.grad is None
-
-
-def test_train_attention_classifier_errors():
-    net = _Net()
-    data = [(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))]
-    with pytest.raises(KeyError, match="did you mean"):
-        train_attention_classifier(net, "haed", data)
-    with pytest.raises(ValueError, match="not a submodule"):
-        train_attention_classifier(net, nn.Linear(8, 3), data)
-    with pytest.raises(ValueError, match="no parameters"):
-        train_attention_classifier(net, "backbone.2", data)
-    with pytest.raises(TypeError, match="one-pass iterator"):
-        train_attention_classifier(net, "head", iter(data), epochs=2)
-    with pytest.raises(ValueError, match="epochs"):
-        train_attention_classifier(net, "head", data, epochs=0)
-
-
 def test_delta_pipeline_with_capture():
     """Attention classifier → channel attention → penalty on captured features, end to end."""
     import copy
@@ -493,3 +181,38 @@ def test_delta_pipeline_with_capture():
         value = pen(cs.outputs, ct.outputs)
     value.backward()
     assert value.item() > 0 and target[2].weight.grad is not None and source[2].weight.grad is None
+
+
+def test_negative_attention_weights_are_refused():
+    """issue 9 #11: a negative weight rewards drifting away from the source features; it was accepted."""
+    s, t = {"a": torch.zeros(2, 3, 4, 4)}, {"a": torch.ones(2, 3, 4, 4)}
+    bad = torch.tensor([0.5, 0.7, -0.2])
+    with pytest.raises(FineregError, match="layer 'a': attention has negative weights"):
+        attention_behavioral_penalty(s, t, {"a": bad})
+    with pytest.raises(FineregError, match="attention has negative weights"):
+        AttentionBehavioralPenalty({"a": bad})
+
+
+def test_low_precision_features_accumulate_in_float32():
+    """issue 9 #11: on float16 features the squared differences overflowed (65504) and the penalty was inf."""
+    g = torch.Generator().manual_seed(0)
+    s32 = torch.randn(4, 3, 5, 5, generator=g) * 300
+    t32 = torch.randn(4, 3, 5, 5, generator=g) * 300
+    att = torch.tensor([0.2, 0.3, 0.5])
+    for dtype in (torch.float16, torch.bfloat16):
+        s, t = s32.to(dtype), t32.to(dtype).requires_grad_()
+        ref_s, ref_t = s.double(), t.detach().double()
+        value = behavioral_penalty({"a": s}, {"a": t})
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        torch.testing.assert_close(value.double(), behavioral_penalty({"a": ref_s}, {"a": ref_t}), rtol=1e-5, atol=0)
+        weighted = attention_behavioral_penalty({"a": s}, {"a": t}, {"a": att})
+        expected = attention_behavioral_penalty({"a": ref_s}, {"a": ref_t}, {"a": att.double()})
+        torch.testing.assert_close(weighted.double(), expected, rtol=1e-5, atol=0)
+        (value + weighted).backward()
+        assert t.grad.dtype == dtype and torch.isfinite(t.grad.float()).all()
+
+
+def test_empty_batch_of_features():
+    s, t = {"a": torch.zeros(0, 3, 4, 4)}, {"a": torch.zeros(0, 3, 4, 4)}
+    assert attention_behavioral_penalty(s, t, {"a": torch.ones(3) / 3}).item() == 0.0  # a sum over no sample
+    assert behavioral_penalty(s, t).item() == 0.0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finereg.head.bi_tuning import BiTuning, BiTuningClassifier, bi_tuning_loss
@@ -16,6 +17,12 @@ _BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_bi_tuning.p
 _spec = importlib.util.spec_from_file_location("bench_bi_tuning", _BENCH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+
+
+def _objective(out, labels, trade_off=0.5):
+    """tllib's Bi-Tuning objective: CE + trade_off · the contrastive term."""
+    y_q, logits_z, logits_y, labels_c = out
+    return F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(logits_z, logits_y, labels_c)
 
 
 def golden_encoder(case):
@@ -36,7 +43,7 @@ def run_golden(model, case, encoder_q):
     close = dict(rtol=1e-6, atol=1e-8)
     for step in case["steps"]:
         y_q, logits_z, logits_y, labels_c = model(step["im_q"], step["im_k"], step["labels"])
-        loss = bi_tuning_loss(y_q, logits_z, logits_y, labels_c, step["labels"], trade_off=0.1)
+        loss = F.cross_entropy(y_q, step["labels"]) + 0.1 * bi_tuning_loss(logits_z, logits_y, labels_c)
         for ours, key in [
             (y_q, "y_q"),
             (logits_z, "logits_z"),
@@ -62,7 +69,7 @@ def test_golden_native(golden):
     case = golden["bi_tuning"]
     assert "CE(y_q, labels) + 0.1 *" in case["loss"] and "lr=0.1" in case["optimizer"]
     enc = golden_encoder(case)
-    model = BiTuning(enc, K=case["K"], m=case["m"], T=case["T"]).double()  # key encoder: a copy of enc
+    model = BiTuning(enc, K=case["K"], m=case["m"], temperature=case["T"]).double()  # key encoder: a copy of enc
     # the golden batches include one where all samples share a class (several keys of one class per step)
     assert any(len(set(s["labels"].tolist())) == 1 for s in case["steps"])
     run_golden(model, case, enc)
@@ -74,7 +81,7 @@ def small_model(C=3, K=2, F_=5, P=4, m=0.9, seed=0):
     with torch.no_grad():
         enc.head.weight.normal_()  # a non-trivial head (tllib's init is N(0, 0.01²))
         enc.head.bias.normal_()
-    return BiTuning(enc, num_classes=C, K=K, m=m, T=0.1).double().train()
+    return BiTuning(enc, num_classes=C, K=K, m=m, temperature=0.1).double().train()
 
 
 @pytest.mark.parametrize(
@@ -106,7 +113,7 @@ def test_matches_per_sample_loop_reference(labels):
         grads = []
         for model, out in zip((fast, ref), outs):
             model.encoder_q.zero_grad()
-            bi_tuning_loss(*out, labels, trade_off=0.5).backward()
+            _objective(out, labels).backward()
             grads.append([p.grad.clone() for p in model.encoder_q.parameters()])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b)
@@ -184,11 +191,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="call encoder_q directly"):
         model(x, x, torch.tensor([0, 1]))
     enc = model.encoder_q
-    with pytest.raises(ValueError, match="K .keys per class. must be a positive int"):
+    with pytest.raises(ValueError, match="K .keys per class. must be an integer >= 1"):
         BiTuning(enc, K=0)
     with pytest.raises(ValueError, match="equal to the head's out_features"):
         BiTuning(enc, num_classes=5)
-    with pytest.raises(ValueError, match="momentum m must be in"):
+    with pytest.raises(ValueError, match=r"momentum\) must be a finite number >= 0 and <= 1, got 1.5"):
         BiTuning(enc, m=1.5)
     with pytest.raises(ValueError, match="same architecture"):
         BiTuning(enc, BiTuningClassifier(nn.Linear(6, 7), 3, 4, features_dim=7))
@@ -202,7 +209,7 @@ def test_bad_input():
 def _ddp_model():
     torch.manual_seed(0)
     enc = BiTuningClassifier(nn.Sequential(nn.Linear(6, 5), nn.Tanh()), 3, 4, features_dim=5).double()
-    return BiTuning(enc, num_classes=3, K=2, m=0.9, T=0.1).double().train()
+    return BiTuning(enc, num_classes=3, K=2, m=0.9, temperature=0.1).double().train()
 
 
 def _ddp_batches():
@@ -215,7 +222,7 @@ def _single_process_run():
     model = _ddp_model()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
     for x, y in _ddp_batches():
-        loss = bi_tuning_loss(*model(x, x + 0.05, y), y, trade_off=0.5)
+        loss = _objective(model(x, x + 0.05, y), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -235,7 +242,7 @@ def _ddp_worker(rank, world, tmp):
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
         for x, y in _ddp_batches():
             xs, ys = x[rank * 3 : (rank + 1) * 3], y[rank * 3 : (rank + 1) * 3]
-            loss = bi_tuning_loss(*ddp(xs, xs + 0.05, ys), ys, trade_off=0.5)
+            loss = _objective(ddp(xs, xs + 0.05, ys), ys)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -266,3 +273,29 @@ def test_ddp_keys_of_all_ranks_enter_queues(tmp_path):
         assert torch.equal(res["queue_ptr"], expected.queue_ptr)
         for k, v in expected.encoder_q.state_dict().items():
             torch.testing.assert_close(res["encoder_q"][k], v)
+
+
+def test_bi_tuning_loss_is_the_sum_of_the_two_kl_divergences():
+    g = torch.Generator().manual_seed(0)
+    lz = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1).requires_grad_()
+    ly = torch.log_softmax(torch.randn(6, 9, generator=g, dtype=torch.float64), 1).requires_grad_()
+    lc = torch.zeros(6, 9, dtype=torch.float64)
+    lc[:, :3] = 1 / 3
+    value = bi_tuning_loss(lz, ly, lc)
+    expected = F.kl_div(lz, lc, reduction="batchmean") + F.kl_div(ly, lc, reduction="batchmean")
+    torch.testing.assert_close(value, expected, rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(value, [lz, ly]), torch.autograd.grad(expected, [lz, ly]), rtol=1e-13, atol=0
+    )
+
+
+def test_training_step_under_bfloat16_autocast():
+    enc = BiTuningClassifier(nn.Linear(16, 8), 5, 4, features_dim=8)
+    model = BiTuning(enc, K=3).train()
+    x, y = torch.randn(6, 16), torch.randint(0, 5, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_q, logits_z, logits_y, labels_c = model(x, x + 0.01, y)
+        loss = F.cross_entropy(y_q, y) + bi_tuning_loss(logits_z, logits_y, labels_c)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(enc.projector.weight.grad).all() and enc.projector.weight.grad.abs().sum() > 0

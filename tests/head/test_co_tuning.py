@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from finereg._checks import FineregError
 from finereg.head.co_tuning import (
     CategoryRelationship,
     CoTuning,
@@ -167,3 +168,16 @@ def test_bad_input():
         co_tuning_loss(torch.randn(2, 3), torch.randn(2, 4))
     with pytest.raises(ValueError, match="sum 1"):
         CategoryRelationship(torch.ones(2, 3))
+
+
+def test_direct_relationship_checks_probabilities_or_takes_logits():
+    """issue 9 #9: raw logits (rows summing to 4.5, 12.3 ...) were averaged as if they were probabilities."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 5, generator=g) * 3
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.raises(FineregError, match="source probabilities must be rows of non-negative numbers summing to 1"):
+        direct_relationship(logits, labels)
+    from_logits = direct_relationship(logits, labels, inputs="logits")
+    torch.testing.assert_close(from_logits, direct_relationship(torch.softmax(logits, 1), labels))
+    with pytest.raises(FineregError, match="inputs must be one of 'probabilities', 'logits'"):
+        direct_relationship(logits, labels, inputs="scores")

@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finereg._checks import FineregError
+from finereg.head.co_tuning import co_tuning_loss
 from finereg.head.kd import KnowledgeDistillation, kd_loss
 
 
@@ -11,7 +13,7 @@ def test_golden_value_and_grad(golden):
     assert len(golden["kd"]) >= 2 and len({c["T"] for c in golden["kd"]}) >= 2  # several temperatures covered
     for case in golden["kd"]:
         student = case["student"].clone().requires_grad_(True)
-        value = KnowledgeDistillation(T=case["T"])(student, case["teacher"])
+        value = KnowledgeDistillation(temperature=case["T"])(student, case["teacher"])
         value.backward()
         torch.testing.assert_close(value.detach(), case["value"], rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(student.grad, case["grad"], rtol=1e-6, atol=1e-8)
@@ -52,11 +54,23 @@ def test_zero_when_student_equals_teacher():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="temperature T must be a positive"):
-        KnowledgeDistillation(T=0)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
+        KnowledgeDistillation(temperature=0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         KnowledgeDistillation(reduction="average")
     with pytest.raises(ValueError, match="same shape"):
         kd_loss(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(TypeError, match="must be tensors"):
         kd_loss([1.0, 2.0], torch.randn(2))
+
+
+def test_an_empty_batch_is_an_error_like_bss():
+    """issue 9 #11: kd_loss on an empty batch returned NaN (the mean over 0 samples) where BSS raises."""
+    empty = torch.zeros(0, 5)
+    with pytest.raises(FineregError, match=r"kd_loss got an empty batch \(logits of shape \(0, 5\)\)"):
+        kd_loss(empty, empty)
+    with pytest.raises(FineregError, match="empty batch"):
+        KnowledgeDistillation()(empty, empty)
+    assert kd_loss(empty, empty, reduction="sum").item() == 0.0  # a sum over no sample is 0, well defined
+    with pytest.raises(FineregError, match="co_tuning_loss got an empty batch"):
+        co_tuning_loss(empty, empty)

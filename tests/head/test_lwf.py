@@ -36,10 +36,10 @@ def test_forward_modes_and_heads():
     torch.testing.assert_close(lwf.source_logits(x), src(x))
 
 
-def test_from_torchvision_resnet_keeps_pretrained_outputs():
+def test_from_pretrained_torchvision_resnet_keeps_pretrained_outputs():
     tv = pytest.importorskip("torchvision")
     model = tv.models.resnet18(weights=None, num_classes=11).eval()
-    lwf = LwFClassifier.from_torchvision(model, num_classes=4).eval()
+    lwf = LwFClassifier.from_pretrained(model, num_classes=4).eval()
     x = torch.randn(2, 3, 32, 32)
     y_s, y_t = lwf(x, return_both=True)
     torch.testing.assert_close(y_s, model(x))
@@ -48,25 +48,27 @@ def test_from_torchvision_resnet_keeps_pretrained_outputs():
     assert lwf.head_target.in_features == 512 and lwf.head_source.out_features == 11
 
 
-def test_from_torchvision_composite_head():
+def test_from_pretrained_mlp_classifier_keeps_its_hidden_layers_pretrained():
+    """MobileNetV3's classifier is Linear → Hardswish → Dropout → Linear: the source head is the last Linear, the
+    hidden layer stays in the backbone with its pretrained weights and the target head reads its 1024 features."""
     tv = pytest.importorskip("torchvision")
     model = tv.models.mobilenet_v3_small(weights=None, num_classes=9).eval()
-    lwf = LwFClassifier.from_torchvision(model, num_classes=2).eval()  # finds `classifier` (a Sequential)
+    lwf = LwFClassifier.from_pretrained(model, num_classes=2).eval()
     x = torch.randn(1, 3, 32, 32)
     y_s, y_t = lwf(x, return_both=True)
     torch.testing.assert_close(y_s, model(x))
-    assert y_t.shape == (1, 2)
+    assert y_t.shape == (1, 2) and lwf.head_source is not model.classifier[3]
+    assert isinstance(lwf.head_source, nn.Linear) and lwf.head_target.in_features == 1024
 
 
-def test_from_timm():
+def test_from_pretrained_timm():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet10t", pretrained=False, num_classes=7).eval()
-    lwf = LwFClassifier.from_pretrained(model, num_classes=3).eval()  # dispatches to from_timm
+    lwf = LwFClassifier.from_pretrained(model, num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
     y_s, y_t = lwf(x, return_both=True)
     torch.testing.assert_close(y_s, model(x))
-    assert y_t.shape == (2, 3)
-    assert model.get_classifier().out_features == 7  # untouched
+    assert y_t.shape == (2, 3) and lwf.head_source.out_features == 7
 
 
 def test_new_head_like_composite():
@@ -79,19 +81,23 @@ def test_new_head_like_composite():
         new_head_like(nn.ReLU(), 3)
 
 
-def test_param_groups():
+def test_param_groups_default_to_tllibs_lwf_layout():
     lwf = split(tiny_pretrained())
     groups = lwf.param_groups(0.01)
-    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1), pytest.approx(0.1)]
-    ids = [{id(p) for p in g["params"]} for g in groups]
-    assert ids[0] == {id(p) for p in lwf.backbone.parameters()}
-    assert ids[1] == {id(p) for p in lwf.head_target.parameters()}
-    assert ids[2] == {id(p) for p in lwf.head_source.parameters()}
-    frozen_src = lwf.param_groups(0.01, source_head_lr_mult=0)
-    assert len(frozen_src) == 2
+    assert [(g["name"], g["lr"]) for g in groups] == [
+        ("backbone", pytest.approx(0.001)),
+        ("bottleneck", 0.01),
+        ("head_target", 0.01),
+    ]  # tllib's lwf.Classifier.get_parameters: the source head is not in the optimizer
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in lwf.backbone.parameters()}
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in lwf.head_target.parameters()}
+    trained = lwf.param_groups(0.01, source_head="pretrained", pretrained_lr_mult=1.0)  # LwF's paper / Co-Tuning
+    assert [(g["name"], g["lr"]) for g in trained][:2] == [("backbone", 0.01), ("head_source", 0.01)]
     torch.optim.SGD(groups, lr=0.01)  # valid optimizer groups
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 0.0"):
         lwf.param_groups(0.0)
+    with pytest.raises(ValueError, match="source_head must be one of 'pretrained', 'new', 'excluded', got 'frozen'"):
+        lwf.param_groups(0.1, source_head="frozen")
 
 
 def _data(n=10, seed=0):
@@ -151,8 +157,8 @@ def test_lwf_objective_starts_with_zero_distillation():
     lwf = split(src).train()
     x, y, idx = next(iter(DataLoader(ds, batch_size=4, shuffle=True)))
     y_s, y_t = lwf(x)
-    assert float(kd_loss(y_s.detach(), targets[idx], T=2.0)) == pytest.approx(0.0, abs=1e-7)
-    loss = F.cross_entropy(y_t, y) + kd_loss(y_s, targets[idx], T=2.0)
+    assert float(kd_loss(y_s.detach(), targets[idx], temperature=2.0)) == pytest.approx(0.0, abs=1e-7)
+    loss = F.cross_entropy(y_t, y) + kd_loss(y_s, targets[idx], temperature=2.0)
     loss.backward()
     assert lwf.head_target.weight.grad is not None
 
@@ -161,16 +167,14 @@ def test_bad_input():
     src = tiny_pretrained()
     with pytest.raises(ValueError, match="give num_classes"):
         LwFClassifier(src[:2], src[2])
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         LwFClassifier(src[:2], src[2], num_classes=0)
     with pytest.raises(TypeError, match="backbone must be an nn.Module"):
         LwFClassifier(lambda x: x, src[2], num_classes=3)
-    with pytest.raises(ValueError, match="could not find the classifier head"):
-        LwFClassifier.from_torchvision(nn.Sequential(nn.Linear(2, 2)), 3)
+    with pytest.raises(ValueError, match="has no nn.Linear classifier head"):
+        LwFClassifier.from_pretrained(nn.Sequential(nn.Conv2d(2, 2, 1)), 3)
     with pytest.raises(KeyError, match="did you mean"):
-        LwFClassifier.from_torchvision(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 3, head_name="11")
-    with pytest.raises(TypeError, match="not a timm model"):
-        LwFClassifier.from_timm(src, 3)
+        LwFClassifier.from_pretrained(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 3, head_name="11")
     with pytest.raises(ValueError, match="indices must cover"):
         bad = [(torch.randn(2, 6), torch.zeros(2), torch.tensor([0, 0]))]
         record_source_predictions(src, bad)

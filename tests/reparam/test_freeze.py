@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from finereg.compat.keras import OrthogonalRegularizer
 from finereg.reparam.freeze import PartialFreeze, freeze, frozen_mask, unfreeze
-from finereg.weight.groups import matrix_view
+from finereg.weight.groups import WeightGroup, matrix_view
+from finereg.weight.orthogonal import Orthogonality
 
 D = torch.float64
 
@@ -347,3 +349,69 @@ def test_clear_errors():
     assert not parametrize.is_parametrized(lin)  # failed calls leave the module untouched
     with pytest.raises(ValueError, match="bool mask"):
         PartialFreeze(torch.zeros(3), torch.zeros(3))
+
+
+def test_deep_copies_own_their_parametrization_class():
+    """issue 9 #12: a copy of a frozen model (an L2-SP anchor, say) survives unfreezing or freezing the other."""
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    a = net()
+    freeze(a, "0.weight", [0])
+    before = a(x).detach()
+    b = copy.deepcopy(a)
+    unfreeze(b, "0.weight")  # used to delete the property from the class a shares
+    torch.testing.assert_close(a(x), before)
+    assert frozen_mask(a, "0.weight") is not None and frozen_mask(b, "0.weight") is None
+    c = copy.deepcopy(a)
+    freeze(c, "0.bias", [0])  # used to add a 'bias' property a's parametrizations cannot serve (KeyError)
+    torch.testing.assert_close(a(x), before)
+    assert frozen_mask(a, "0.bias") is None and frozen_mask(c, "0.bias") is not None
+    model = net()
+    freeze(model, "3.weight", [1, 2])
+    source = copy.deepcopy(model)  # the realistic case: the pretrained anchor, then gradual unfreezing
+    unfreeze(model, "3.weight")
+    torch.testing.assert_close(source(x), model(x))
+
+
+def conv_data(n_batches=4, batch=4):
+    g = torch.Generator().manual_seed(11)
+    return [
+        (torch.randn(batch, 1024, 7, 7, generator=g, dtype=D), torch.randn(batch, 10, 7, 7, generator=g, dtype=D))
+        for _ in range(n_batches)
+    ]
+
+
+def test_frozen_filters_stay_while_a_penalty_over_all_filters_trains_the_others():
+    """A 1×1 conv 1024 → 10 kept orthogonal (Keras's value over all 10 filters) with filters chosen at run time
+    frozen: the frozen ones never move, and the penalty sees them."""
+    conv = nn.Conv2d(1024, 10, 1, bias=False).double()
+    penalty = Orthogonality(WeightGroup(conv), factor=0.01)  # over all 10 filters
+    frozen = torch.randperm(10)[:4].tolist()  # chosen at run time
+    trainable = [i for i in range(10) if i not in frozen]
+    start = conv.weight.detach().clone()
+    freeze(conv, "weight", frozen)
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-2, weight_decay=0.1)
+    keras_reg = OrthogonalRegularizer(0.01, "columns")  # Keras layout (1, 1, 1024, 10): filters = columns
+    for x, y in conv_data():
+        opt.zero_grad()
+        reg = penalty()
+        torch.testing.assert_close(reg, keras_reg(conv.weight, layout="torch"))  # Keras's value, frozen included
+        (F.mse_loss(conv(x), y) + reg).backward()
+        opt.step()
+        assert torch.equal(conv.weight[frozen], start[frozen])
+    assert not torch.equal(conv.weight[trainable], start[trainable])
+
+    # the penalty depends on the frozen filters: its gradient on the trainable ones changes with them,
+    # and nothing reaches the frozen ones
+    original = conv.parametrizations.weight.original
+
+    def penalty_grad():
+        original.grad = None
+        penalty().backward()
+        return original.grad.clone()
+
+    g1 = penalty_grad()
+    assert torch.equal(g1[frozen], torch.zeros_like(g1[frozen]))
+    with torch.no_grad():
+        conv.parametrizations.weight[0].values[frozen] = torch.randn(len(frozen), 1024, 1, 1, dtype=D)
+    g2 = penalty_grad()
+    assert (g1[trainable] - g2[trainable]).abs().max() > 1e-6

@@ -470,7 +470,8 @@ def test_standardize_model_report_and_selection():
     text = str(report)
     assert "3.0" in text and "ConvTranspose2d" in text and "fan-in 1" in text
     assert not parametrize.is_parametrized(model[8])
-    again = standardize(model, "ws")
+    with pytest.warns(UserWarning, match="changed nothing"):
+        again = standardize(model, "ws")
     assert len(again) == 0 and all("already standardized ('bit')" in r for _, r in again.skipped[:4])
 
     model = small_net()
@@ -532,11 +533,11 @@ def test_scaled_gain_is_registered_and_trained():
 
 def test_errors():
     model = small_net()
-    with pytest.raises(ValueError, match="unknown weight standardization variant 'nf'.*'ws', 'bit', 'scaled'"):
+    with pytest.raises(ValueError, match="variant must be one of 'ws', 'bit', 'scaled', got 'nf'"):
         standardize(model, "nf")
-    with pytest.raises(KeyError, match=r"no module named '3\.2'.*did you mean.*'3\.1'"):
+    with pytest.raises(KeyError, match=r"include pattern '3\.2' matches no module.*did you mean.*'3\.1'"):
         standardize(model, include="3.2")
-    with pytest.raises(KeyError, match=r"no module named 'conv9'.*exclude patterns"):
+    with pytest.raises(KeyError, match=r"exclude pattern 'conv9' matches no module"):
         standardize(model, exclude="conv9")
     with pytest.raises(ValueError, match=r"'8' \(Linear\) but no convolution.*linear=True"):
         standardize(model, include="8")
@@ -546,7 +547,7 @@ def test_errors():
         standardize(model, include=3)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         standardize("resnet")
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"eps \(it keeps a constant unit finite\) must be a finite number > 0"):
         standardize(model, eps=0.0)
     with pytest.raises(ValueError, match="lazy module.*run one forward pass"):
         standardize(nn.Sequential(nn.LazyConv2d(4, 3)))
@@ -741,3 +742,36 @@ def test_bf16_autocast_statistics_in_float32(variant):
     assert w_hat.dtype == torch.bfloat16
     assert ((w_hat.double() - ref).abs() <= ref.abs() * 2.0**-8 * 1.001 + 1e-30).all()
     assert raw(conv).grad.dtype == torch.bfloat16 and torch.isfinite(raw(conv).grad.float()).all()
+
+
+def test_the_aten_op_of_the_fused_backward_keeps_its_signature():
+    """The fused backward calls ``aten.native_batch_norm_backward`` positionally; if torch changes its schema, this
+    fails loudly (and the numerical tests above would show wrong gradients) instead of a silent misuse."""
+    schema = str(torch.ops.aten.native_batch_norm_backward.default._schema)
+    assert schema == (
+        "aten::native_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? running_mean, "
+        "Tensor? running_var, Tensor? save_mean, Tensor? save_invstd, bool train, float eps, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)"
+    ), f"torch changed aten.native_batch_norm_backward; update _FusedStandardize.backward: {schema}"
+
+
+def test_nothing_to_convert_warns_or_raises_with_strict():
+    """issue 9 #11: standardize / batchnorm_to_groupnorm on a model with nothing to convert did nothing silently."""
+    from finereg._checks import FineregError, FineregWarning
+    from finereg.reparam.norm import batchnorm_to_groupnorm
+
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(FineregWarning, match=r"weight standardization \('ws'\) changed nothing: no convolution"):
+        assert len(standardize(mlp)) == 0
+    with pytest.raises(FineregError, match="changed nothing.*linear=True"):
+        standardize(mlp, strict=True)
+    assert len(standardize(mlp, linear=True, strict=True)) == 2
+    with pytest.warns(FineregWarning, match=r"changed nothing.*2 skipped: already standardized"):
+        standardize(mlp, linear=True)  # everything skipped
+    with pytest.warns(FineregWarning, match="BatchNorm -> GroupNorm changed nothing: no BatchNorm layer"):
+        batchnorm_to_groupnorm(mlp)
+    with pytest.raises(FineregError, match="changed nothing"):
+        batchnorm_to_groupnorm(mlp, strict=True)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1, groups=4))  # fan-in 3, then fan-in 1
+    report = standardize(conv, strict=True)
+    assert report.names == ["0"] and report.skipped == [("1", "fan-in 1 < 2")]

@@ -147,7 +147,7 @@ def test_terms_equal_the_library_regularizers(tmp_path, tiny):
     from finereg.head.kd import kd_loss
 
     with torch.no_grad():
-        expected = 4.0 * float(kd_loss(src, net.source_head(net.backbone(clean)), T=3.0))
+        expected = 4.0 * float(kd_loss(src, net.source_head(net.backbone(clean)), temperature=3.0))
     assert terms["kd"] == pytest.approx(expected, rel=1e-4)
     assert behavioral_penalty(feats, feats) == 0
 

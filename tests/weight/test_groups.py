@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from finereg.reparam.freeze import freeze
 from finereg.weight.groups import WeightGroup, matrix_to_weight, matrix_view, weight_matrix
+from finereg.weight.orthogonal import Orthogonality
 
 
 def tiny_resnet():
@@ -169,3 +171,50 @@ def test_members_see_parametrized_weights():
     before = g.matrix().detach().clone()
     parametrize.register_parametrization(lin, "weight", Double())
     assert torch.equal(g.matrix(), 2 * before)
+
+
+def _conv_data(n_batches=4, batch=4):
+    g = torch.Generator().manual_seed(11)
+    d = torch.float64
+    return [
+        (torch.randn(batch, 1024, 7, 7, generator=g, dtype=d), torch.randn(batch, 10, 7, 7, generator=g, dtype=d))
+        for _ in range(n_batches)
+    ]
+
+
+def test_a_group_of_three_layers_trains_like_one_layer_with_frozen_rows(one_thread):
+    """One layer per group of filters (whole layers frozen, the Keras workaround) and one layer with frozen rows
+    train identically under a penalty over the group."""
+    single = nn.Conv2d(1024, 10, 1, bias=False).double()
+    parts = [nn.Conv2d(1024, k, 1, bias=False).double() for k in (3, 3, 4)]
+    with torch.no_grad():
+        for p, rows in zip(parts, (slice(0, 3), slice(3, 6), slice(6, 10))):
+            p.weight.copy_(single.weight[rows])
+    split_group = WeightGroup(parts)  # one 10 × 1024 matrix over 3 layers
+    pen_split = Orthogonality(split_group, factor=0.1)
+    pen_single = Orthogonality(WeightGroup(single), factor=0.1)
+    torch.testing.assert_close(pen_split(), pen_single(), rtol=1e-12, atol=0)
+
+    # gradients reach every layer and equal the single layer's rows
+    pen_split().backward()
+    pen_single().backward()
+    for p, rows in zip(parts, split_group.row_slices()):
+        torch.testing.assert_close(p.weight.grad, single.weight.grad[rows], rtol=1e-10, atol=1e-14)
+    single.weight.grad = None
+    for p in parts:
+        p.weight.grad = None
+
+    # train: Keras-style split with layer 2 frozen as a whole vs. the single layer with rows 3..5 frozen
+    parts[1].requires_grad_(False)
+    freeze(single, "weight", [3, 4, 5])
+    opt_split = torch.optim.SGD([parts[0].weight, parts[2].weight], lr=0.1, momentum=0.9)
+    opt_single = torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9)
+    for x, y in _conv_data(3):
+        for loss_fn, opt in (
+            (lambda x=x, y=y: F.mse_loss(torch.cat([p(x) for p in parts], 1), y) + pen_split(), opt_split),
+            (lambda x=x, y=y: F.mse_loss(single(x), y) + pen_single(), opt_single),
+        ):
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+    torch.testing.assert_close(split_group.matrix(), single.weight.reshape(10, -1), rtol=1e-9, atol=1e-12)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from finereg.reparam.freeze import freeze
 from finereg.weight.groups import WeightGroup
 from finereg.weight.orthogonal import (
     SRIP,
@@ -69,12 +70,12 @@ def test_keras_golden(keras_golden):
     cases = keras_golden["orthogonal"]
     assert len(cases) == 16
     for c in cases:
-        got = Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"])
+        got = Orthogonality(factor=c["factor"], mode=c["mode"])(c["matrix"])
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, c["value"], rtol=1e-5, atol=0)
         # the same number from a float64 computation
         torch.testing.assert_close(
-            Orthogonality(coef=c["factor"], mode=c["mode"])(c["matrix"].double()),
+            Orthogonality(factor=c["factor"], mode=c["mode"])(c["matrix"].double()),
             c["value"].double(),
             rtol=1e-5,
             atol=0,
@@ -123,9 +124,9 @@ def test_tall_soft_orthogonality_uses_the_small_gram():
     assert shapes and not any(s[-2:] == (40, 40) for s in shapes if len(s) >= 2)
 
 
-def test_coef_scales_and_penalties_compose():
+def test_factor_scales_and_penalties_compose():
     w = torch.randn(4, 7, dtype=D, requires_grad=True)
-    total = SoftOrthogonality(coef=0.5)(w) + Orthogonality(coef=3.0)(w)
+    total = SoftOrthogonality(factor=0.5)(w) + Orthogonality(factor=3.0)(w)
     torch.testing.assert_close(total, 0.5 * naive_so(w) + 3.0 * naive_keras(w))
     total.backward()
     assert w.grad.abs().sum() > 0
@@ -148,7 +149,7 @@ def stage_model():
 def test_groups_batched_equal_a_per_layer_loop(cls):
     m = stage_model()
     groups = [WeightGroup(["0", "1", "2"], m, axis=None), WeightGroup(["3", "4", "5"], m, axis=None)]
-    pen = cls(groups, coef=0.7)
+    pen = cls(groups, factor=0.7)
     total = pen()
     mats = [mod.weight.reshape(mod.weight.shape[0], -1) for mod in list(m)[:5]]
     ct = m[5]
@@ -237,7 +238,7 @@ def test_callable_penalty_seed_function():
     parts = [nn.Conv2d(16, 1, 1, bias=False).double() for _ in range(4)]
     keras_kernel = torch.cat([p.weight.permute(2, 3, 1, 0) for p in parts], -1)  # (1, 1, 16, 4)
     seed_value = (keras_kernel * keras_kernel.flip(-1)).sum()  # the seed's reduce_sum(K * K[..., ::-1])
-    pen = CallablePenalty(lambda w: (w * w.flip(0)).sum(), WeightGroup(parts), coef=2.0)
+    pen = CallablePenalty(lambda w: (w * w.flip(0)).sum(), WeightGroup(parts), factor=2.0)
     torch.testing.assert_close(pen(), 2 * seed_value)
     pen().backward()
     assert all(p.weight.grad.abs().sum() > 0 for p in parts)
@@ -249,13 +250,13 @@ def test_callable_penalty_seed_function():
 
 def test_create_penalty_and_errors():
     w = torch.randn(3, 5, dtype=D)
-    assert isinstance(create_penalty("srip", coef=0.1, squared=True), SRIP)
+    assert isinstance(create_penalty("srip", factor=0.1, squared=True), SRIP)
     assert isinstance(create_penalty(lambda m: m.sum()), CallablePenalty)
-    torch.testing.assert_close(create_penalty("soft_orthogonal", coef=2.0)(w), 2 * naive_so(w))
+    torch.testing.assert_close(create_penalty("soft_orthogonal", factor=2.0)(w), 2 * naive_so(w))
     with pytest.raises(ValueError, match="did you mean 'srip'"):
         create_penalty("sirp")
-    with pytest.raises(ValueError, match="coef"):
-        SoftOrthogonality(coef=-1.0)
+    with pytest.raises(ValueError, match="factor must be a finite number >= 0"):
+        SoftOrthogonality(factor=-1.0)
     with pytest.raises(ValueError, match="mode"):
         Orthogonality(mode="filters")
     with pytest.raises(ValueError, match="2-D matrix"):
@@ -282,3 +283,24 @@ def test_analytic_gradient_supports_double_backward(penalty, naive, shape):
         (g,) = torch.autograd.grad(fn(w), w, create_graph=True)
         hvp.append(torch.autograd.grad((g * v).sum(), w)[0])
     torch.testing.assert_close(hvp[0], hvp[1], rtol=1e-10, atol=1e-12)
+
+
+def test_soft_orthogonality_pushes_trainable_filters_away_from_frozen_ones(one_thread):
+    D = torch.float64
+    conv = nn.Conv2d(1024, 10, 1, bias=False).double()
+    with torch.no_grad():  # three frozen orthonormal filters
+        q, _ = torch.linalg.qr(torch.randn(1024, 3, dtype=D))
+        conv.weight[:3] = q.T.reshape(3, 1024, 1, 1)
+    freeze(conv, "weight", [0, 1, 2])
+    penalty = SoftOrthogonality(WeightGroup(conv))
+    opt = torch.optim.SGD(conv.parameters(), lr=0.05, momentum=0.5)
+    w = conv.weight.reshape(10, -1)
+    cross0 = (w[3:] @ w[:3].T).abs().max().item()
+    for _ in range(60):
+        opt.zero_grad()
+        penalty().backward()
+        opt.step()
+    w = conv.weight.reshape(10, -1)
+    assert torch.equal(w[:3], q.T)
+    assert (w[3:] @ w[:3].T).abs().max().item() < 1e-3 * cross0  # pushed away from the frozen filters
+    torch.testing.assert_close(w @ w.T, torch.eye(10, dtype=D), atol=1e-4, rtol=0)

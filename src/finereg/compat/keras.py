@@ -9,15 +9,8 @@ output units are the *last* axis, so the filters are the **columns** (``mode="co
 filters, ``mode="rows"`` the input-side vectors). PyTorch stores (out, in, kh, kw): call with
 ``layout="torch"`` to have the weight moved into Keras's layout first.
 
-Deliberate differences from Keras 3.15 (tested):
-
-* Keras raises ``ValueError`` for a kernel of rank ≠ 2 (so a Conv layer with ``kernel_regularizer=
-  OrthogonalRegularizer()`` fails to build). Here a kernel of rank ≥ 3 (Conv1D/2D/3D, Keras layout
-  (k..., in, filters)) is reshaped to (∏k · in, filters), the reshape a Keras user writes by hand; the value
-  equals Keras's on that reshaped kernel.
-* With a single row/column (k = 1) Keras divides 0 by 0 and returns NaN; here the value is 0 (no pairs).
-* ``get_config()["factor"]`` is the float given; Keras stores a float32 tensor, so 0.01 comes back as
-  0.009999999776... there.
+A kernel of rank ≥ 3 (Conv1D/2D/3D, Keras layout (k..., in, filters)) is reshaped to (∏k · in, filters); a single
+row/column (no pairs) gives 0. Where and why this differs from Keras 3: docs/weight_groups.md.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._checks import FineregError, FineregTypeError
 from ..weight.orthogonal import keras_orthogonality
 
 __all__ = ["OrthogonalRegularizer"]
@@ -52,11 +46,11 @@ class OrthogonalRegularizer:
             or math.isnan(factor)
             or factor < 0
         ):
-            raise ValueError(
+            raise FineregError(
                 f"Invalid value for argument factor: expected a non-negative float. Received: factor={factor!r}"
             )
         if mode not in ("rows", "columns"):
-            raise ValueError(
+            raise FineregError(
                 f'Invalid value for argument `mode`. Expected one of {{"rows", "columns"}}. Received: mode={mode!r}'
             )
         self.factor = float(factor)
@@ -66,20 +60,20 @@ class OrthogonalRegularizer:
     def to_keras_layout(weight: Tensor) -> Tensor:
         """A PyTorch Linear (out, in) / Conv (out, in, k...) weight in Keras's layout (in, out) / (k..., in, out)."""
         if weight.dim() < 2:
-            raise ValueError(f"expected a weight with at least 2 dims, got shape {tuple(weight.shape)}")
+            raise FineregError(f"expected a weight with at least 2 dims, got shape {tuple(weight.shape)}")
         return weight.permute(*range(2, weight.dim()), 1, 0)
 
     def __call__(self, kernel: Tensor, layout: Literal["keras", "torch"] = "keras") -> Tensor:
         if not isinstance(kernel, Tensor):
             kernel = torch.as_tensor(kernel)
         if not kernel.is_floating_point():
-            raise TypeError(f"kernel must be a floating-point tensor, got {kernel.dtype}")
+            raise FineregTypeError(f"kernel must be a floating-point tensor, got {kernel.dtype}")
         if layout not in ("keras", "torch"):
-            raise ValueError(f"layout must be 'keras' (units last) or 'torch' (units first), got {layout!r}")
+            raise FineregError(f"layout must be 'keras' (units last) or 'torch' (units first), got {layout!r}")
         if layout == "torch":
             kernel = self.to_keras_layout(kernel)
         if kernel.dim() < 2:
-            raise ValueError(
+            raise FineregError(
                 f"Inputs to OrthogonalRegularizer must have rank >= 2 (a Dense (in, units) or Conv (k..., in, "
                 f"filters) kernel). Received: inputs.shape={tuple(kernel.shape)}"
             )

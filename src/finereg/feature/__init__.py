@@ -1,17 +1,11 @@
-"""Feature penalties: persistent feature capture, DELTA (behavioral, attention-weighted, channel attention), BSS."""
+"""Feature penalties: persistent feature capture, DELTA (behavioral, attention-weighted; channel attention and its
+classifier), BSS."""
 
+from .attention import attention_from_importance, channel_attention, channel_importance
+from .attention_classifier import train_attention_classifier
 from .bss import BSS, BSS_METHODS, batch_spectral_shrinkage
 from .capture import FeatureCapture, Selector
-from .delta import (
-    AttentionBehavioralPenalty,
-    BehavioralPenalty,
-    attention_behavioral_penalty,
-    attention_from_importance,
-    behavioral_penalty,
-    channel_attention,
-    channel_importance,
-    train_attention_classifier,
-)
+from .delta import AttentionBehavioralPenalty, BehavioralPenalty, attention_behavioral_penalty, behavioral_penalty
 
 __all__ = [
     "FeatureCapture",

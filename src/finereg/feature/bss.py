@@ -10,42 +10,28 @@ m = min(b, d)::
 
     ∂L/∂F = Σ_{i=1..k} 2 σ_{m+1-i} u_{m+1-i} v_{m+1-i}ᵀ
 
-The loss is added to the task loss with a small weight (e.g. 0.001). tllib computes it with
-``torch.svd(feature.t())`` and a Python loop over the k values; :func:`batch_spectral_shrinkage` gives the
-same value and gradient by a cheaper route chosen by ``method``:
+The loss is added to the task loss with a small weight (e.g. 0.001). :func:`batch_spectral_shrinkage` computes
+it by ``method``:
 
 * ``"gram"`` (the default, what ``"auto"`` picks): the squared singular values are the eigenvalues of the
   Gram matrix of the short side, G = F Fᵀ (b × b) if b ≤ d, else Fᵀ F (d × d). G is formed in **float64**
   (whatever F's dtype), its k smallest eigenvectors Q_k are found with ``torch.linalg.eigh`` outside the
   autograd graph, and the loss is the Rayleigh quotient ``‖Q_kᵀ F‖²`` (b ≤ d; ``‖F Q_k‖²`` otherwise),
   evaluated with autograd. Its value is Σ λ_i exactly, and its gradient 2 Q_k Q_kᵀ F is the exact gradient
-  of Σ λ_i (a symmetric eigenvalue's derivative, dλ = qᵀ dG q, involves no derivative of q), i.e. the same
-  Σ 2 σ u vᵀ that the SVD gives. The result is cast back to F's dtype.
+  of Σ λ_i (dλ = qᵀ dG q involves no derivative of q), i.e. the Σ 2 σ u vᵀ that the SVD gives. The result is
+  cast back to F's dtype. Each squared singular value is exact to ~1e-16 · σ_max² (absolute).
 * ``"svdvals"``: ``torch.linalg.svdvals(F)`` in F's dtype, k smallest squared.
-* ``"svd"``: tllib's exact procedure, ``torch.svd(F.t())``.
-
-Which is faster was measured (``benchmarks/bench_bss.py --sweep``, 2 shared CPU cores, forward +
-backward): at b=48, d=2048 ``"gram"`` took 0.86 ms vs 2.2 ms for tllib's ``torch.svd`` in float32 (2.6×)
-and 0.77 vs 3.8 ms in float64 (4.9×); ``svdvals`` was slower than both. From 32×512 up to 256×2048,
-512×256 and 2048×64 ``"gram"`` was the fastest (1.1× to 7.9× over ``torch.svd``); on tiny matrices
-(8×32, 16×16) the three are within ~0.03 ms of each other. So ``"auto"`` always takes ``"gram"`` (measured
-on CPU only; on a GPU, small eigen-solvers are latency-bound, pass ``method`` explicitly if it matters).
-
-Precision. Forming G squares the condition number, which is why G is built in **float64**: a computed
-eigenvalue is off by about 1e-16 · σ_max², so each squared singular value is exact to ~1e-16 · σ_max²
-absolute. For float32 features this is *more* accurate than tllib's float32 SVD (measured relative error
-of the result against the exact spectrum, k=2: 1e-9 to 3e-8 for ``"gram"``, i.e. float32 rounding of the
-result, vs 3e-7 to 2.5e-5 for ``torch.svd`` in float32, on synthetic post-ReLU features up to
-σ_max/σ_min = 1.6e4 and on real MiniLM sentence embeddings). For float64 features it loses accuracy
-only when σ_min²/σ_max² is below ~1e-10 (then use ``method="svd"``).
+* ``"svd"``: ``torch.svd(F.t())``, the singular values of the SVD (tllib's computation).
 
 Not differentiable twice: the ``"gram"`` gradient is exact, but its graph holds Q_k as a constant, so a
-second derivative (rarely wanted for a loss term) would miss the eigenvector terms; use ``method="svd"``.
+second derivative would miss the eigenvector terms; use ``method="svd"``. Speed and precision measurements:
+docs/feature_penalties.md.
 
-k must be smaller than min(b, d): with k = min(b, d) the loss would be ‖F‖² (every singular value), and
-for k > min(b, d) tllib's index ``s[num-1-i]`` turns negative and wraps around, counting the smallest values
-a second time; both are mistakes, so they are errors here (a last batch of at most k samples is the usual
-cause: use ``DataLoader(..., drop_last=True)``).
+Non-finite features are an error naming the samples (the singular values are undefined).
+
+k must be smaller than min(b, d): with k = min(b, d) the loss would be ‖F‖² (every singular value), and beyond
+there are fewer than k singular values; both are errors (a last batch of at most k samples is the usual cause:
+use ``DataLoader(..., drop_last=True)``).
 """
 
 from __future__ import annotations
@@ -55,6 +41,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError, check_int
+
 __all__ = ["batch_spectral_shrinkage", "BSS", "BSS_METHODS"]
 
 Method = Literal["auto", "gram", "svdvals", "svd"]
@@ -63,31 +51,32 @@ BSS_METHODS: tuple[str, ...] = ("auto", "gram", "svdvals", "svd")
 
 def _check(features: Tensor, k: int, method: str) -> None:
     if not isinstance(features, Tensor):
-        raise TypeError(
+        raise FineregTypeError(
             f"BSS expects the batch features as a tensor of shape (batch, dim), got {type(features).__name__}"
         )
     if features.dim() != 2:
-        raise ValueError(
+        raise FineregError(
             f"BSS expects features of shape (batch, dim), got a {features.dim()}-D tensor of shape "
             f"{tuple(features.shape)}; flatten or pool them first, e.g. features.flatten(1)"
         )
     if not features.is_floating_point():
-        raise TypeError(f"BSS needs floating-point features, got {features.dtype}")
+        raise FineregTypeError(f"BSS needs floating-point features, got {features.dtype}")
     _check_k(k)
     m = min(features.shape)
     if k >= m:
-        raise ValueError(
+        raise FineregError(
             f"BSS k={k} must be smaller than min(batch, dim) = min{tuple(features.shape)} = {m}: the features have "
             f"only {m} singular values and penalizing all of them is just ‖F‖²; use a smaller k or larger "
             "batches (a small last batch is the usual cause: DataLoader(..., drop_last=True))"
         )
     if method not in BSS_METHODS:
-        raise ValueError(f"unknown BSS method {method!r}; choose one of {', '.join(map(repr, BSS_METHODS))}")
+        raise FineregError(f"unknown BSS method {method!r}; choose one of {', '.join(map(repr, BSS_METHODS))}")
 
 
 def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"BSS k (how many of the smallest singular values to shrink) must be an int ≥ 1, got {k!r}")
+    if isinstance(k, float):  # check_int accepts 2.0; k counts singular values, an int is expected
+        raise FineregTypeError(f"BSS k (how many of the smallest singular values to shrink) must be an int, got {k!r}")
+    check_int(k, "BSS k (how many of the smallest singular values to shrink)", low=1)
 
 
 def _gram(features: Tensor, k: int) -> Tensor:
@@ -95,9 +84,23 @@ def _gram(features: Tensor, k: int) -> Tensor:
     wide = x.shape[0] <= x.shape[1]  # b ≤ d: the b × b Gram F Fᵀ, else the d × d Gram Fᵀ F
     with torch.no_grad():
         gram = x @ x.T if wide else x.T @ x
+        # a NaN or inf feature makes its row's Σx² (a diagonal entry) NaN or inf: one cheap check of b or d values
+        if not torch.isfinite(gram.diagonal()).all():
+            _refuse_non_finite(features)
         q = torch.linalg.eigh(gram).eigenvectors[:, :k]  # ascending: the k smallest
     proj = q.T @ x if wide else x @ q  # ‖proj‖² = Σ of the k smallest eigenvalues (Rayleigh quotients)
     return proj.square().sum().to(features.dtype)
+
+
+def _refuse_non_finite(features: Tensor) -> None:
+    bad = ~torch.isfinite(features)
+    if bad.any():
+        rows = torch.nonzero(bad.any(1)).flatten().tolist()
+        raise FineregError(
+            f"BSS features are not finite: NaN or inf in the features of sample(s) {rows[:10]}"
+            f"{' ...' if len(rows) > 10 else ''}; the singular values are undefined (check the model's outputs)"
+        )
+    raise FineregError("BSS features are too large to square in float64 (the Gram matrix overflows); scale them down")
 
 
 def batch_spectral_shrinkage(features: Tensor, k: int = 1, method: Method = "auto") -> Tensor:
@@ -114,6 +117,8 @@ def batch_spectral_shrinkage(features: Tensor, k: int = 1, method: Method = "aut
     _check(features, k, method)
     if method in ("auto", "gram"):
         return _gram(features, k)
+    if not torch.isfinite(features).all():  # the SVD paths: checked up front
+        _refuse_non_finite(features)
     if method == "svdvals":
         return torch.linalg.svdvals(features)[-k:].square().sum()
     s = torch.svd(features.t()).S  # tllib: singular values in descending order
@@ -137,7 +142,7 @@ class BSS(nn.Module):
         super().__init__()
         _check_k(k)
         if method not in BSS_METHODS:
-            raise ValueError(f"unknown BSS method {method!r}; choose one of {', '.join(map(repr, BSS_METHODS))}")
+            raise FineregError(f"unknown BSS method {method!r}; choose one of {', '.join(map(repr, BSS_METHODS))}")
         self.k = k
         self.method = method
 

@@ -1,8 +1,7 @@
-"""Persistent forward hooks that keep the outputs of named submodules (successor of tllib's IntermediateLayerGetter).
+"""Persistent forward hooks that keep the outputs of named submodules.
 
-tllib registers its hooks on every call and removes them afterwards. :class:`FeatureCapture` registers them once,
-keeps them until :meth:`FeatureCapture.close` (or the end of a ``with`` block), and after every forward of the model
-holds the latest output of each named module::
+:class:`FeatureCapture` registers its hooks once, keeps them until :meth:`FeatureCapture.close` (or the end of a
+``with`` block), and after every forward of the model holds the latest output of each named module::
 
     with FeatureCapture(model, ["layer3", "layer4"]) as cap:
         logits = model(x)
@@ -24,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from .._checks import FineregIndexError, FineregTypeError, UnknownNameError
 from .._utils import get_submodule, name_list, unknown_name_error, unwrap
 
 __all__ = ["FeatureCapture", "Selector"]
@@ -34,7 +34,7 @@ Selector = int | str | Callable[[Any], Any] | None
 def _check_selector(sel: Any, where: str) -> Selector:
     if sel is None or callable(sel) or (isinstance(sel, (int, str)) and not isinstance(sel, bool)):
         return sel
-    raise TypeError(
+    raise FineregTypeError(
         f"{where}: a selector is None, an int (position in a tuple), a str (key of a dict / "
         f"ModelOutput) or a callable output -> value; got {type(sel).__name__} {sel!r}"
     )
@@ -49,12 +49,14 @@ def _apply_selector(sel: Selector, output: Any, name: str) -> Any:
     if isinstance(sel, int):
         seq = output.to_tuple() if hasattr(output, "to_tuple") else output
         if not isinstance(seq, (tuple, list)):
-            raise TypeError(
+            raise FineregTypeError(
                 f"module {name!r} returned a {kind}; select={sel} picks a position in a tuple/list "
                 f"output; pass a str key or a callable instead"
             )
         if not -len(seq) <= sel < len(seq):
-            raise IndexError(f"module {name!r} returned a {kind} of {len(seq)} items; select={sel} is out of range")
+            raise FineregIndexError(
+                f"module {name!r} returned a {kind} of {len(seq)} items; select={sel} is out of range"
+            )
         return seq[sel]
     if isinstance(output, Mapping):
         if sel not in output:
@@ -62,7 +64,7 @@ def _apply_selector(sel: Selector, output: Any, name: str) -> Any:
         return output[sel]
     if hasattr(output, sel):
         return getattr(output, sel)
-    raise TypeError(
+    raise FineregTypeError(
         f"module {name!r} returned a {kind} with no key or attribute {sel!r}; "
         f"pass an int position or a callable selector instead"
     )
@@ -95,7 +97,7 @@ class FeatureCapture:
         detach: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise FineregTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         names = name_list(
             names, "module names", "the names of the submodules whose outputs to capture, e.g. ['layer3', 'layer4']"
         )
@@ -138,7 +140,7 @@ class FeatureCapture:
         if name not in self._selectors:
             raise unknown_name_error("captured module", name, self.names)
         if name not in self._outputs:
-            raise KeyError(
+            raise UnknownNameError(
                 f"module {name!r} produced no output since the last forward of the model (was the model "
                 f"run after the capture was created, and does its forward use this module? A "
                 f"torch.compile'd model runs only the hooks that existed at its first call)"

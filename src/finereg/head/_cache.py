@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError
 from .._utils import atomic_write, unwrap
 
-__all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "atomic_torch_save", "cached"]
+__all__ = ["module_fingerprint", "loader_fingerprint", "make_key", "cached"]
 
 
 def _update_tensor(h: hashlib._Hash, t: Tensor) -> None:
@@ -50,7 +51,7 @@ def _update_obj(h: hashlib._Hash, obj: Any) -> None:
 def module_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a module's class and its full state dict (names, dtypes, shapes, values)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module to fingerprint, got {type(model).__name__}")
+        raise FineregTypeError(f"expected an nn.Module to fingerprint, got {type(model).__name__}")
     model = unwrap(model)
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, t in model.state_dict().items():
@@ -71,7 +72,7 @@ def loader_fingerprint(loader: Iterable) -> str:
         _update_obj(h, batch)
         n += 1
     if n == 0:
-        raise ValueError("the data loader yielded no batches; give it a non-empty dataset")
+        raise FineregError("the data loader yielded no batches; give it a non-empty dataset")
     return h.hexdigest()
 
 
@@ -83,11 +84,6 @@ def make_key(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a temporary file and ``os.replace`` (atomic on POSIX and Windows)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def cached(cache_dir: str | os.PathLike | None, stem: str, key: str, compute: Callable[[], dict]) -> dict:
     """``compute()`` (a dict of tensors / plain values), or its stored copy ``<cache_dir>/<stem>-<key>.pt``."""
     if cache_dir is None:
@@ -96,5 +92,5 @@ def cached(cache_dir: str | os.PathLike | None, stem: str, key: str, compute: Ca
     if path.is_file():
         return torch.load(path, weights_only=True)
     out = compute()
-    atomic_torch_save(out, path)
+    atomic_write(path, lambda f: torch.save(out, f))
     return out

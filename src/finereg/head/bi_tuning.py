@@ -20,12 +20,10 @@ queues of keys from a momentum key encoder (MoCo style):
   both log-softmaxed; the contrastive target ``labels_c`` puts 1/(K+1) on the first K+1 entries (the
   positives). The training loss is CE(y_q, labels) + λ·(KL(labels_c‖logits_z) + KL(labels_c‖logits_y)).
 
-Negatives are ordered class 0..C-1 without c, K each, in queue order: tllib's layout, so its outputs and
-training trajectory are reproduced (golden test). Differences from tllib: no Python loop over samples (one
-gather over a (b, C, K) score tensor), any batch size (tllib asserts K % batch_size == 0, where its per-sample
-enqueue makes that assert vacuous; here a batch with more than K samples of a class keeps the last K of
-them, exactly what sequential enqueuing leaves), only the head rows of the batch's labels are scored against
-the queue, and DDP gathers keys from all ranks before enqueuing.
+Negatives are ordered class 0..C-1 without c, K each, in queue order (tllib's layout: its outputs and training
+trajectory are reproduced, golden test). Any batch size: a batch with more than K samples of a class keeps the
+last K of them, what sequential enqueuing leaves. Under DDP the keys of all ranks are gathered before enqueuing.
+How this differs from tllib's implementation, and its speed: docs/head_methods.md.
 """
 
 from __future__ import annotations
@@ -37,7 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._utils import unwrap
+from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
+from .._utils import class_ranks, unwrap
+from ..lr_policy import ROLES, Role, param_groups
+from ._contrast import contrast_log_softmax
 
 __all__ = ["BiTuningClassifier", "BiTuning", "bi_tuning_loss"]
 
@@ -71,18 +72,15 @@ class BiTuningClassifier(nn.Module):
     ):
         super().__init__()
         if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        for name, v in (("num_classes", num_classes), ("projection_dim", projection_dim)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise FineregTypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        num_classes = check_int(num_classes, "num_classes", low=1)
+        projection_dim = check_int(projection_dim, "projection_dim", low=1)
         if bottleneck is not None:
-            if not isinstance(bottleneck_dim, int) or bottleneck_dim < 1:
-                raise ValueError("a bottleneck needs bottleneck_dim (its output size) as a positive int")
-            features_dim = bottleneck_dim
+            features_dim = check_int(bottleneck_dim, "bottleneck_dim (the bottleneck's output size)", low=1)
         if features_dim is None:
             features_dim = getattr(backbone, "out_features", None)
             if not isinstance(features_dim, int):
-                raise ValueError(
+                raise FineregError(
                     "cannot tell the feature size: give features_dim=... (or a backbone with an "
                     "int attribute out_features)"
                 )
@@ -102,6 +100,20 @@ class BiTuningClassifier(nn.Module):
         """Size F of the features h fed to the head (the queue_h rows are F + 1)."""
         return self._features_dim
 
+    def param_parts(self, projector: Role = "pretrained") -> dict[str, Role]:
+        """The parts and their learning-rate roles (:mod:`finereg.lr_policy`): the backbone (and a pool with
+        parameters) pretrained, the bottleneck and head new, the projector ``projector`` (``"pretrained"``:
+        tllib's layout, which trains the new projector at the backbone's rate; ``"new"``: at the head's)."""
+        parts: dict[str, Role] = {"backbone": "pretrained"}
+        if any(True for _ in self.pool_layer.parameters()):
+            parts["pool_layer"] = "pretrained"
+        parts.update(bottleneck="new", head="new", projector=check_choice(projector, "projector", ROLES))
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, projector: Role = "pretrained") -> list[dict]:
+        """Optimizer groups: :func:`finereg.lr_policy.param_groups` of :meth:`param_parts`."""
+        return param_groups(self, lr, self.param_parts(projector), pretrained_lr_mult=pretrained_lr_mult)
+
     def features(self, x: Tensor) -> Tensor:
         return self.bottleneck(self.pool_layer(self.backbone(x)))
 
@@ -115,20 +127,29 @@ class BiTuningClassifier(nn.Module):
         return y, z, hn
 
 
-def bi_tuning_loss(
-    y_q: Tensor, logits_z: Tensor, logits_y: Tensor, labels_c: Tensor, labels: Tensor, trade_off: float = 1.0
-) -> Tensor:
-    """CE(y_q, labels) + trade_off · (KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)),
-    the objective of tllib's Bi-Tuning example (``logits_*`` are log-probabilities from :class:`BiTuning`)."""
-    kl = F.kl_div(logits_z, labels_c, reduction="batchmean") + F.kl_div(logits_y, labels_c, reduction="batchmean")
-    return F.cross_entropy(y_q, labels) + trade_off * kl
+def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tensor:
+    """Bi-Tuning's contrastive term KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)
+    (``logits_*`` are the log-probabilities :class:`BiTuning` returns). Like every output loss here it carries no
+    coefficient: tllib's objective is ``F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(...)``.
 
-
-def _class_order(labels: Tensor, num_classes: int) -> Tensor:
-    """(b, C) index: row i = [c_i, 0, 1, ..., c_i − 1, c_i + 1, ..., C − 1] (positives first, then negatives)."""
-    j = torch.arange(num_classes, device=labels.device)[None, :]
-    c = labels[:, None]
-    return torch.where(j == 0, c, torch.where(j <= c, j - 1, j))
+    KL(t ‖ ·) of a batch is (Σ t·log t − Σ t·logits) / b: the entropy part is computed once for both terms and each
+    cross part is one dot product (``F.kl_div`` gives the same value, to rounding, in several passes); float16 /
+    bfloat16 inputs are summed in float32.
+    """
+    if logits_z.shape != labels_c.shape or logits_y.shape != labels_c.shape or labels_c.dim() != 2:
+        raise FineregError(
+            f"logits_z {tuple(logits_z.shape)}, logits_y {tuple(logits_y.shape)} and labels_c "
+            f"{tuple(labels_c.shape)} must have the same (batch, 1 + C·K) shape, as BiTuning returns them"
+        )
+    b = labels_c.shape[0]
+    if b == 0:
+        raise FineregError("bi_tuning_loss got an empty batch: its batch mean is undefined; skip empty batches")
+    dtype = torch.promote_types(torch.promote_types(logits_z.dtype, logits_y.dtype), labels_c.dtype)
+    if dtype in (torch.float16, torch.bfloat16):  # sums of b·(1 + C·K) terms: accumulate in float32
+        dtype = torch.float32
+    t = labels_c.reshape(-1).to(dtype)
+    cross = torch.dot(t, logits_z.reshape(-1).to(dtype)) + torch.dot(t, logits_y.reshape(-1).to(dtype))
+    return (2 * torch.xlogy(t, t).sum() - cross) / b
 
 
 def _gather_from_all_ranks(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -163,7 +184,7 @@ class BiTuning(nn.Module):
         num_classes: C (default: ``encoder_q.head.out_features``).
         K: keys per class (default 40).
         m: momentum of the key encoder (default 0.999).
-        T: temperature (default 0.07).
+        temperature: T of the contrasts (default 0.07).
         gather_keys: under an initialized process group with several ranks, enqueue the keys of all ranks
             (all_gather, rank order), so every rank keeps the same queues (default True).
 
@@ -180,60 +201,74 @@ class BiTuning(nn.Module):
         encoder_q: nn.Module,
         encoder_k: nn.Module | None = None,
         num_classes: int | None = None,
-        K: int = 40,
+        K: int = 40,  # noqa: N803 -- the paper's name
         m: float = 0.999,
-        T: float = 0.07,
+        temperature: float = 0.07,
         *,
         gather_keys: bool = True,
     ):
         super().__init__()
         if not isinstance(encoder_q, nn.Module):
-            raise TypeError(f"encoder_q must be an nn.Module, got {type(encoder_q).__name__}")
+            raise FineregTypeError(f"encoder_q must be an nn.Module, got {type(encoder_q).__name__}")
         inner = unwrap(encoder_q)
         head = getattr(inner, "head", None)
         if not isinstance(head, nn.Linear):
-            raise TypeError(
+            raise FineregTypeError(
                 "encoder_q.head must be an nn.Linear (the classifier, read by the contrast on "
                 "logits_y); use BiTuningClassifier"
             )
         for attr in ("features_dim", "projection_dim"):
             if not isinstance(getattr(inner, attr, None), int):
-                raise TypeError(f"encoder_q needs an int attribute {attr} (use BiTuningClassifier)")
+                raise FineregTypeError(f"encoder_q needs an int attribute {attr} (use BiTuningClassifier)")
         if num_classes is None:
             num_classes = head.out_features
         if not isinstance(num_classes, int) or num_classes < 1 or num_classes != head.out_features:
-            raise ValueError(
+            raise FineregError(
                 f"num_classes ({num_classes!r}) must be a positive int equal to the head's "
                 f"out_features ({head.out_features})"
             )
         if head.in_features != inner.features_dim:
-            raise ValueError(
+            raise FineregError(
                 f"encoder_q.features_dim ({inner.features_dim}) must match the head's in_features ({head.in_features})"
             )
-        if not isinstance(K, int) or isinstance(K, bool) or K < 1:
-            raise ValueError(f"K (keys per class) must be a positive int, got {K!r}")
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"momentum m must be in [0, 1], got {m!r}")
-        if not T > 0:
-            raise ValueError(f"temperature T must be positive, got {T!r}")
+        K = check_int(K, "K (keys per class)", low=1)
+        m = check_number(m, "m (the key encoder's momentum)", low=0, high=1)
+        temperature = check_number(temperature, "temperature", low=0, low_open=True)
         if encoder_k is None:
             encoder_k = copy.deepcopy(encoder_q)
         q_params, k_params = list(encoder_q.parameters()), list(encoder_k.parameters())
         if len(q_params) != len(k_params) or any(a.shape != b.shape for a, b in zip(q_params, k_params)):
-            raise ValueError("encoder_k must have the same architecture (parameter shapes) as encoder_q")
+            raise FineregError("encoder_k must have the same architecture (parameter shapes) as encoder_q")
         self.encoder_q, self.encoder_k = encoder_q, encoder_k
         with torch.no_grad():
             for pq, pk in zip(q_params, k_params):
                 pk.copy_(pq)
                 pk.requires_grad_(False)
-        self.K, self.m, self.T, self.num_classes = K, float(m), float(T), num_classes
+        self.K, self.m, self.temperature, self.num_classes = K, float(m), temperature, num_classes
         self.gather_keys = gather_keys
         self.register_buffer("queue_h", F.normalize(torch.randn(inner.features_dim + 1, num_classes, K), dim=0))
         self.register_buffer("queue_z", F.normalize(torch.randn(inner.projection_dim, num_classes, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(num_classes, dtype=torch.long))
 
+    def param_parts(self, projector: Role = "pretrained") -> dict[str, Role]:
+        """The query encoder's parts (:meth:`BiTuningClassifier.param_parts`); the key encoder is excluded (it
+        follows the query encoder by momentum)."""
+        inner = unwrap(self.encoder_q)
+        declare = getattr(inner, "param_parts", None)
+        if not callable(declare):
+            raise FineregError(f"{type(inner).__name__} declares no param_parts(); use a BiTuningClassifier")
+        prefix = "encoder_q." if inner is self.encoder_q else "encoder_q.module."
+        parts: dict[str, Role] = {prefix + k: v for k, v in declare(projector=projector).items()}
+        parts["encoder_k"] = "excluded"
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, projector: Role = "pretrained") -> list[dict]:
+        """Optimizer groups of the query encoder (:meth:`param_parts`); tllib's script passes
+        ``encoder_q.get_parameters(lr)``, the same groups."""
+        return param_groups(self, lr, self.param_parts(projector), pretrained_lr_mult=pretrained_lr_mult)
+
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, K={self.K}, m={self.m}, T={self.T}"
+        return f"num_classes={self.num_classes}, K={self.K}, m={self.m}, temperature={self.temperature}"
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
@@ -256,10 +291,7 @@ class BiTuning(nn.Module):
         if n == 0:
             return
         counts = torch.bincount(labels, minlength=self.num_classes)
-        sorted_labels, order = torch.sort(labels, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(labels)
-        rank[order] = torch.arange(n, device=labels.device) - starts[sorted_labels]
+        rank = class_ranks(labels, self.num_classes)
         keep = rank >= counts[labels] - self.K
         c, slot = labels[keep], (self.queue_ptr[labels[keep]] + rank[keep]) % self.K
         self.queue_h[:, c, slot] = h[keep].T.to(self.queue_h.dtype)
@@ -268,21 +300,21 @@ class BiTuning(nn.Module):
 
     def forward(self, im_q: Tensor, im_k: Tensor, labels: Tensor):
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
-            raise ValueError("labels must be a 1-D integer tensor")
+            raise FineregError("labels must be a 1-D integer tensor")
         b = labels.shape[0]
         if im_q.shape[0] != b or im_k.shape[0] != b:
-            raise ValueError(
+            raise FineregError(
                 f"im_q, im_k and labels must have the same batch size, got {im_q.shape[0]}, {im_k.shape[0]} and {b}"
             )
         if b and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
+            raise FineregError(
                 f"labels must be in 0..{self.num_classes - 1}, got range [{int(labels.min())}, {int(labels.max())}]"
             )
         labels = labels.long()
         C, K = self.num_classes, self.K
         out = self.encoder_q(im_q)
         if not (isinstance(out, tuple) and len(out) == 3):
-            raise ValueError(
+            raise FineregError(
                 "encoder_q must return (y, z, hn) (a BiTuningClassifier in training mode); for "
                 "predictions in eval mode call encoder_q directly"
             )
@@ -291,16 +323,15 @@ class BiTuning(nn.Module):
             self._momentum_update_key_encoder()
             _, z_k, h_k = self.encoder_k(im_k)
 
-        order = _class_order(labels, C)[:, :, None].expand(b, C, K)
+        inv_t = 1.0 / self.temperature  # folded into the small operands of the two queue products
 
         # projector contrast against the queue as it was before this batch
         queue_z = self.queue_z.detach()
         if z_q.requires_grad:  # autograd keeps the operand; the in-place enqueue below must not change it
             queue_z = queue_z.clone()
-        pos_z = (z_q * z_k).sum(1, keepdim=True)
-        scores_z = (z_q @ queue_z.flatten(1)).view(b, C, K)
-        logits_z = torch.cat([pos_z, scores_z.gather(1, order).flatten(1)], dim=1)
-        logits_z = F.log_softmax(logits_z / self.T, dim=1)
+        pos_z = (z_q * z_k).sum(1) * inv_t
+        scores_z = (z_q * inv_t) @ queue_z.flatten(1)  # (b, C·K)
+        logits_z = contrast_log_softmax(pos_z, scores_z, labels, C)
 
         keys_h, keys_z, key_labels = h_k, z_k, labels
         if self.gather_keys and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -309,13 +340,12 @@ class BiTuning(nn.Module):
 
         # classifier contrast (head rows detached) against the queue after this batch
         head = unwrap(self.encoder_q).head
-        bias = head.bias.detach() if head.bias is not None else head.weight.new_zeros(C)
-        w = F.normalize(torch.cat([head.weight.detach(), bias[:, None]], dim=1), dim=1)  # (C, F+1)
-        pos_y = (h_q * w[labels]).sum(1, keepdim=True)
-        present, inverse = torch.unique(labels, return_inverse=True)  # score each class's row once
-        scores_y = (w[present] @ self.queue_h.detach().flatten(1)).view(-1, C, K)[inverse]
-        logits_y = torch.cat([pos_y, scores_y.gather(1, order).flatten(1)], dim=1)
-        logits_y = F.log_softmax(logits_y / self.T, dim=1)
+        present, inverse = torch.unique(labels, return_inverse=True)  # each present class's row, once
+        bias = head.bias.detach()[present] if head.bias is not None else head.weight.new_zeros(len(present))
+        w = F.normalize(torch.cat([head.weight.detach()[present], bias[:, None]], dim=1), dim=1)  # (u, F+1)
+        pos_y = (h_q * w[inverse]).sum(1) * inv_t
+        scores_y = (w * inv_t) @ self.queue_h.detach().flatten(1)  # (u, C·K)
+        logits_y = contrast_log_softmax(pos_y, scores_y, labels, C, rows=inverse)
 
         labels_c = logits_z.new_zeros(b, 1 + C * K)
         labels_c[:, : K + 1] = 1.0 / (K + 1)

@@ -20,8 +20,7 @@ model's predictions on the target training data:
            the inputs sum to one, so an intercept adds nothing) by minimizing
            mean CE + (λ/2)‖W‖², with λ chosen on a stratified held-out split by its negative log-likelihood;
         2. calibrate a temperature T > 0 on the held-out split: minimize its NLL of softmax(W p_s / T) over
-           log T (LBFGS). The paper's code multiplies the source logits by a fixed 0.8 instead; here the
-           temperature is learned;
+           log T (LBFGS);
         3. refit W on all the data with the chosen λ; p(y_t | y_s = s) = softmax(W e_s / T) (the model at the
            one-hot source class s);
         4. Bayes: p(y_s | y_t) ∝ p(y_t | y_s) · p(y_s), with the source marginal p(y_s) = mean of the source
@@ -42,11 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
 from .._logreg import fit_logreg as _fit_logreg
 from .._logreg import l2_path
 from .._logreg import stratified_split as _stratified_split
 from .._utils import unwrap
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
+from ._source import collect_source_outputs
 
 __all__ = [
     "co_tuning_loss",
@@ -55,6 +56,7 @@ __all__ = [
     "reverse_relationship",
     "ReverseFit",
     "collect_source_outputs",
+    "class_mean_rows",
     "CategoryRelationship",
     "CoTuning",
 ]
@@ -66,13 +68,22 @@ DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 def co_tuning_loss(source_logits: Tensor, target_probs: Tensor) -> Tensor:
     """mean over the batch of −Σ_s target_probs[b, s] · log_softmax(source_logits)[b, s] (tllib's value)."""
     if not (isinstance(source_logits, Tensor) and isinstance(target_probs, Tensor)):
-        raise TypeError("source_logits and target_probs must be tensors")
+        raise FineregTypeError("source_logits and target_probs must be tensors")
     if source_logits.dim() != 2 or source_logits.shape != target_probs.shape:
-        raise ValueError(
+        raise FineregError(
             "source_logits and target_probs must both be (batch, N_s) with the same shape, got "
             f"{tuple(source_logits.shape)} and {tuple(target_probs.shape)}"
         )
+    _refuse_empty(source_logits, "co_tuning_loss")
     return -(target_probs * F.log_softmax(source_logits, dim=-1)).sum(-1).mean()
+
+
+def _refuse_empty(logits: Tensor, what: str) -> None:
+    if logits.shape[0] == 0:
+        raise FineregError(
+            f"{what} got an empty batch: its batch mean is undefined; skip empty batches (e.g. DataLoader(..., "
+            "drop_last=True))"
+        )
 
 
 class CoTuningLoss(nn.Module):
@@ -86,30 +97,28 @@ class CoTuningLoss(nn.Module):
 def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None, what: str) -> int:
     """Validate (N, N_s) source outputs and (N,) labels; return N_t. Every class 0..N_t-1 needs a sample."""
     if not isinstance(source, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError(f"{what} and target_labels must be tensors")
+        raise FineregTypeError(f"{what} and target_labels must be tensors")
     if source.dim() != 2 or not source.is_floating_point():
-        raise ValueError(
+        raise FineregError(
             f"{what} must be a floating (N, N_s) tensor, got {source.dtype} of shape {tuple(source.shape)}"
         )
     if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(
+        raise FineregError(
             f"target_labels must be a 1-D integer tensor, got {labels.dtype} of shape {tuple(labels.shape)}"
         )
     if len(labels) != len(source):
-        raise ValueError(f"{what} has {len(source)} rows but there are {len(labels)} target labels")
+        raise FineregError(f"{what} has {len(source)} rows but there are {len(labels)} target labels")
     if len(labels) == 0:
-        raise ValueError("no samples: the relationship needs at least one sample per target class")
+        raise FineregError("no samples: the relationship needs at least one sample per target class")
     if not torch.isfinite(source).all():
-        raise ValueError(f"{what} contains NaN or inf")
+        raise FineregError(f"{what} contains NaN or inf")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0:
-        raise ValueError(f"target labels must be >= 0, found {lo}")
+        raise FineregError(f"target labels must be >= 0, found {lo}")
     if num_target_classes is None:
         num_target_classes = hi + 1
-    elif not isinstance(num_target_classes, int) or num_target_classes < 1:
-        raise ValueError(f"num_target_classes must be a positive int, got {num_target_classes!r}")
-    elif hi >= num_target_classes:
-        raise ValueError(
+    elif check_int(num_target_classes, "num_target_classes", low=1) <= hi:
+        raise FineregError(
             f"target label {hi} is out of range for num_target_classes={num_target_classes} "
             f"(labels must be in 0..{num_target_classes - 1})"
         )
@@ -117,7 +126,7 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if empty:
         shown = empty[:10] + (["..."] if len(empty) > 10 else [])
-        raise ValueError(
+        raise FineregError(
             f"target class(es) {shown} have no sample, so p(y_s | y_t) is undefined for them; "
             "every class 0..N_t-1 needs at least one sample (check the labels / num_target_classes)"
         )
@@ -126,32 +135,43 @@ def _check_inputs(source: Tensor, labels: Tensor, num_target_classes: int | None
 
 def _check_probabilities(p: Tensor) -> None:
     if (p < 0).any() or not torch.allclose(p.sum(1), torch.ones((), dtype=p.dtype), atol=1e-3):
-        raise ValueError(
-            "source_probabilities must be non-negative rows summing to 1; for raw model outputs pass inputs='logits'"
+        raise FineregError(
+            "source probabilities must be rows of non-negative numbers summing to 1 (a softmax); for raw model "
+            "outputs (logits) pass inputs='logits'"
         )
 
 
 # ------------------------------------------------------------------------------------------ (a) direct
+def class_mean_rows(values: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Row c = the mean of ``values`` (N, D) over the samples with label c, and the (num_classes,) counts. One
+    ``index_add`` over the samples, no class loop; a class without samples gets a NaN row (0 / 0)."""
+    labels = labels.to(values.device)
+    sums = values.new_zeros(num_classes, values.shape[1]).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=num_classes)
+    return sums / counts.to(sums.dtype)[:, None], counts
+
+
 def direct_relationship(
-    source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+    source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, *, inputs: str = "probabilities"
 ) -> Tensor:
     """p(y_s | y_t = i) = mean of the source probabilities over the samples of target class i.
 
     Args:
-        source_probabilities: (N, N_s) softmax outputs of the pretrained model on the target data.
-        target_labels: (N,) target labels in 0..N_t-1.
+        source: (N, N_s) outputs of the pretrained model on the target data: probabilities (rows of non-negative
+            numbers summing to 1, checked) with ``inputs="probabilities"``, or raw logits with ``inputs="logits"``
+            (turned into probabilities with a softmax).
+        target_labels: (N,) target labels in 0..N_t-1; every class needs a sample.
         num_target_classes: N_t (default: max label + 1, as tllib).
 
     Returns:
-        (N_t, N_s) tensor; row i is p(y_s | y_t = i). One ``index_add`` over the samples, no class loop.
+        (N_t, N_s) tensor; row i is p(y_s | y_t = i).
     """
-    n_t = _check_inputs(source_probabilities, target_labels, num_target_classes, "source_probabilities")
-    labels = target_labels.to(source_probabilities.device)
-    sums = source_probabilities.new_zeros(n_t, source_probabilities.shape[1]).index_add_(
-        0, labels, source_probabilities
-    )
-    counts = torch.bincount(labels, minlength=n_t).to(sums.dtype)
-    return sums / counts[:, None]
+    check_choice(inputs, "inputs", ("probabilities", "logits"))
+    n_t = _check_inputs(source, target_labels, num_target_classes, f"source {inputs}")
+    p = torch.softmax(source, dim=1) if inputs == "logits" else source
+    if inputs == "probabilities":
+        _check_probabilities(p)
+    return class_mean_rows(p, target_labels, n_t)[0]
 
 
 # ----------------------------------------------------------------------------------------- (b) reverse
@@ -219,13 +239,12 @@ def reverse_relationship(
         (N_t, N_s) tensor, row i = p(y_s | y_t = i).
     """
     if inputs not in ("probabilities", "logits"):
-        raise ValueError(f"inputs must be 'probabilities' or 'logits', got {inputs!r}")
+        raise FineregError(f"inputs must be 'probabilities' or 'logits', got {inputs!r}")
     n_t = _check_inputs(source, target_labels, num_target_classes, f"source {inputs}")
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
+    check_number(holdout_fraction, "holdout_fraction", low=0, high=1, low_open=True, high_open=True)
     grid = [float(v) for v in l2_grid]
     if not grid or any(not (v >= 0 and math.isfinite(v)) for v in grid):
-        raise ValueError(f"l2_grid must be a non-empty list of finite non-negative numbers, got {l2_grid!r}")
+        raise FineregError(f"l2_grid must be a non-empty list of finite non-negative numbers, got {l2_grid!r}")
     dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     p = source.detach().to(dtype)
     p = torch.softmax(p, dim=1) if inputs == "logits" else p
@@ -235,7 +254,7 @@ def reverse_relationship(
 
     hold = _stratified_split(y.cpu(), n_t, holdout_fraction, torch.Generator().manual_seed(seed)).to(p.device)
     if not hold.any():
-        raise ValueError(
+        raise FineregError(
             "no class has two or more samples, so nothing can be held out to choose the L2 "
             "strength and the temperature; give more samples or use direct_relationship"
         )
@@ -259,38 +278,6 @@ def reverse_relationship(
     return ReverseFit(relationship, target_given_source, source_marginal, w_all, best, temperature, nll, calibrated)
 
 
-# ------------------------------------------------------------------------------------- data collection
-@torch.no_grad()
-def collect_source_outputs(
-    model: nn.Module, loader: Iterable, device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor]:
-    """The pretrained (source) classifier's logits and the target labels over a loader of ``(x, y, ...)``
-    batches, in eval mode under ``no_grad`` (the model's mode is restored). Returns float32/64 CPU logits
-    (N, N_s) and int64 labels (N,)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if device is None:
-        prm = next(iter(model.parameters()), None)
-        device = prm.device if prm is not None else torch.device("cpu")
-    outs, labels = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in loader:
-            if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
-                raise TypeError("the loader must yield (inputs, labels, ...) batches")
-            out = model(batch[0].to(device))
-            if not isinstance(out, Tensor) or out.dim() != 2:
-                raise ValueError("the source classifier must return a (batch, N_s) logits tensor in eval mode")
-            outs.append(out.cpu())
-            labels.append(torch.as_tensor(batch[1]).cpu().long())
-    finally:
-        model.train(was_training)
-    if not outs:
-        raise ValueError("the data loader yielded no batches")
-    return torch.cat(outs), torch.cat(labels)
-
-
 # ------------------------------------------------------------------------------ relationship container
 class CategoryRelationship(nn.Module):
     """The category relationship p(y_s | y_t) as an (N_t, N_s) buffer (moves with ``.to()``, saved in
@@ -305,9 +292,9 @@ class CategoryRelationship(nn.Module):
     def __init__(self, relationship: Tensor):
         super().__init__()
         if not isinstance(relationship, Tensor) or relationship.dim() != 2 or not relationship.is_floating_point():
-            raise ValueError("relationship must be a floating (N_t, N_s) tensor")
+            raise FineregError("relationship must be a floating (N_t, N_s) tensor")
         if not torch.allclose(relationship.sum(1), torch.ones((), dtype=relationship.dtype), atol=1e-4):
-            raise ValueError("each row of the relationship must be a distribution over source classes (sum 1)")
+            raise FineregError("each row of the relationship must be a distribution over source classes (sum 1)")
         self.register_buffer("relationship", relationship.detach().clone())
 
     @property
@@ -321,9 +308,9 @@ class CategoryRelationship(nn.Module):
     def forward(self, labels: Tensor) -> Tensor:
         """Rows p(y_s | y_t = labels[b]), shape (b, N_s)."""
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dim() != 1:
-            raise ValueError("labels must be a 1-D integer tensor")
+            raise FineregError("labels must be a 1-D integer tensor")
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_target_classes):
-            raise ValueError(
+            raise FineregError(
                 f"target labels must be in 0..{self.num_target_classes - 1} (the relationship has "
                 f"{self.num_target_classes} target classes), got range "
                 f"[{int(labels.min())}, {int(labels.max())}]"
@@ -334,9 +321,9 @@ class CategoryRelationship(nn.Module):
 
     @classmethod
     def direct(
-        cls, source_probabilities: Tensor, target_labels: Tensor, num_target_classes: int | None = None
+        cls, source: Tensor, target_labels: Tensor, num_target_classes: int | None = None, **kwargs: Any
     ) -> CategoryRelationship:
-        return cls(direct_relationship(source_probabilities, target_labels, num_target_classes))
+        return cls(direct_relationship(source, target_labels, num_target_classes, **kwargs))
 
     @classmethod
     def reverse(
@@ -365,16 +352,16 @@ class CategoryRelationship(nn.Module):
         options; a rerun with the same inputs loads it without running the model.
         """
         if method not in ("direct", "reverse"):
-            raise ValueError(f"method must be 'direct' or 'reverse', got {method!r}")
+            raise FineregError(f"method must be 'direct' or 'reverse', got {method!r}")
         if method == "direct" and reverse_kwargs:
-            raise TypeError(f"unexpected options for the direct method: {sorted(reverse_kwargs)}")
+            raise FineregTypeError(f"unexpected options for the direct method: {sorted(reverse_kwargs)}")
         if data_key is not None and not isinstance(data_key, str):
-            raise TypeError("data_key must be a string")
+            raise FineregTypeError("data_key must be a string")
 
         def compute() -> dict:
             logits, labels = collect_source_outputs(model, loader, device)
             if method == "direct":
-                rel = direct_relationship(torch.softmax(logits, 1), labels, num_target_classes)
+                rel = direct_relationship(logits, labels, num_target_classes, inputs="logits")
             else:
                 rel = reverse_relationship(logits, labels, num_target_classes, inputs="logits", **reverse_kwargs)
             return {"relationship": rel}
@@ -408,11 +395,11 @@ class CoTuning(nn.Module):
 
     def forward(self, source_logits: Tensor, target_labels: Tensor) -> Tensor:
         if source_logits.dim() != 2 or source_logits.shape[1] != self.relationship.num_source_classes:
-            raise ValueError(
+            raise FineregError(
                 f"source_logits must be (batch, {self.relationship.num_source_classes}) to match the "
                 f"relationship's source classes, got {tuple(source_logits.shape)}"
             )
         if len(target_labels) != len(source_logits):
-            raise ValueError(f"{len(source_logits)} source outputs but {len(target_labels)} target labels")
+            raise FineregError(f"{len(source_logits)} source outputs but {len(target_labels)} target labels")
         target = self.relationship(target_labels).to(device=source_logits.device, dtype=source_logits.dtype)
         return co_tuning_loss(source_logits, target)

@@ -13,29 +13,30 @@ where y_s is the source head's current output and KD_T is the distillation loss 
 Pieces:
 
 * :class:`LwFClassifier` — backbone + source head + target head; in training returns ``(y_s, y_t)``, in eval
-  ``y_t``. Built from any backbone + head, or :meth:`LwFClassifier.from_torchvision` /
-  :meth:`LwFClassifier.from_timm` / :meth:`LwFClassifier.from_pretrained`.
+  ``y_t``. Built from any backbone + head, or split from a pretrained classifier by
+  :meth:`LwFClassifier.from_pretrained`.
 * :func:`record_source_predictions` — y_o over a loader, keyed by sample index, optionally cached on disk.
 * :class:`IndexedDataset` — wraps a dataset so each item also carries its index (for shuffled training).
-* :meth:`LwFClassifier.param_groups` — ``[{backbone, lr}, {heads, 10·lr}]``.
+* :meth:`LwFClassifier.param_groups` — the optimizer groups of :mod:`finereg.lr_policy` (tllib's layout).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError, check_choice, check_int
 from .._utils import get_submodule, unwrap
+from ..lr_policy import ROLES, Role, param_groups
 from ._cache import cached, loader_fingerprint, make_key, module_fingerprint
+from ._source import batch_parts, source_outputs, split_classifier
 
 __all__ = ["LwFClassifier", "new_head_like", "record_source_predictions", "IndexedDataset"]
-
-_TORCHVISION_HEAD_NAMES = ("fc", "classifier", "heads", "head")
 
 
 def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
@@ -50,7 +51,7 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
         return nn.Linear(head_source.in_features, num_classes, bias=head_source.bias is not None)
     linears = [name for name, m in head_source.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(
+        raise FineregError(
             f"cannot build a target head like {type(head_source).__name__}: it has no nn.Linear "
             "layer to resize; pass head_target=... explicitly"
         )
@@ -69,8 +70,7 @@ def new_head_like(head_source: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _check_num_classes(num_classes: Any) -> None:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_int(num_classes, "num_classes", low=1)
 
 
 class LwFClassifier(nn.Module):
@@ -102,13 +102,13 @@ class LwFClassifier(nn.Module):
         super().__init__()
         for name, m in (("backbone", backbone), ("head_source", head_source)):
             if not isinstance(m, nn.Module):
-                raise TypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
+                raise FineregTypeError(f"{name} must be an nn.Module, got {type(m).__name__}")
         if head_target is None:
             if num_classes is None:
-                raise ValueError("give num_classes (to build a new target head) or head_target")
+                raise FineregError("give num_classes (to build a new target head) or head_target")
             head_target = new_head_like(head_source, num_classes)
         elif not isinstance(head_target, nn.Module):
-            raise TypeError(f"head_target must be an nn.Module, got {type(head_target).__name__}")
+            raise FineregTypeError(f"head_target must be an nn.Module, got {type(head_target).__name__}")
         elif num_classes is not None:
             _check_num_classes(num_classes)
         self.backbone = backbone
@@ -129,77 +129,34 @@ class LwFClassifier(nn.Module):
         """The source head's output only, head_source(pool(backbone(x)))."""
         return self.head_source(self.pool_layer(self.backbone(x)))
 
-    def param_groups(
-        self, lr: float, head_lr_mult: float = 10.0, source_head_lr_mult: float | None = None
-    ) -> list[dict]:
-        """Optimizer parameter groups: backbone at ``lr``; bottleneck and target head at ``head_lr_mult·lr``
-        (default 10×); the source head at ``source_head_lr_mult·lr`` (default: same as the heads; 0 leaves
-        it out of the optimizer, i.e. frozen). Empty groups are dropped."""
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        src_mult = head_lr_mult if source_head_lr_mult is None else source_head_lr_mult
-        groups = [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {
-                "params": [p for m in (self.bottleneck, self.head_target) for p in m.parameters() if p.requires_grad],
-                "lr": head_lr_mult * lr,
-            },
-        ]
-        if src_mult:
-            groups.append(
-                {"params": [p for p in self.head_source.parameters() if p.requires_grad], "lr": src_mult * lr}
-            )
-        return [g for g in groups if g["params"]]
+    def param_parts(self, source_head: Role = "excluded") -> dict[str, Role]:
+        """The parts and their learning-rate roles (:mod:`finereg.lr_policy`): the backbone (and a pool with
+        parameters) pretrained, the bottleneck and target head new, and the source head ``source_head``:
+        ``"excluded"`` (tllib's LwF: left out of the optimizer), ``"pretrained"`` (tllib's Co-Tuning layout, and
+        LwF's paper, which trains the old task's head too) or ``"new"``."""
+        parts: dict[str, Role] = {"backbone": "pretrained"}
+        if any(True for _ in self.pool_layer.parameters()):
+            parts["pool_layer"] = "pretrained"
+        parts["head_source"] = check_choice(source_head, "source_head", ROLES)
+        parts.update(bottleneck="new", head_target="new")
+        return parts
+
+    def param_groups(self, lr: float, *, pretrained_lr_mult: float = 0.1, source_head: Role = "excluded") -> list[dict]:
+        """Optimizer groups: :func:`finereg.lr_policy.param_groups` of :meth:`param_parts` (new parts at ``lr``,
+        pretrained parts at ``pretrained_lr_mult · lr``)."""
+        return param_groups(self, lr, self.param_parts(source_head), pretrained_lr_mult=pretrained_lr_mult)
 
     @classmethod
-    def from_torchvision(
+    def from_pretrained(
         cls, model: nn.Module, num_classes: int, head_name: str | None = None, copy_model: bool = True
     ) -> LwFClassifier:
-        """Split a torchvision-style classifier: the submodule ``head_name`` (default: the first of ``fc``,
-        ``classifier``, ``heads``, ``head`` that exists) becomes the source head and is replaced by
-        ``nn.Identity`` in the backbone (so the backbone's forward returns the head's input). The model is
-        deep-copied unless ``copy_model=False``."""
-        model = unwrap(model)
-        if head_name is None:
-            found = [n for n in _TORCHVISION_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-            if not found:
-                raise ValueError(
-                    f"could not find the classifier head of {type(model).__name__} (looked for "
-                    f"{', '.join(_TORCHVISION_HEAD_NAMES)}); pass head_name=..."
-                )
-            head_name = found[0]
-        backbone = copy.deepcopy(model) if copy_model else model
-        head = get_submodule(backbone, head_name)
-        parent_name, _, child = head_name.rpartition(".")
-        setattr(get_submodule(backbone, parent_name) if parent_name else backbone, child, nn.Identity())
+        """Split a pretrained torchvision, timm or any classifier: its final ``nn.Linear`` (or the submodule
+        ``head_name``) becomes the source head and is replaced by ``nn.Identity`` in the backbone, which then
+        returns the head's input (see :mod:`finereg.head._source`). The model is deep-copied unless
+        ``copy_model=False``."""
+        backbone = copy.deepcopy(unwrap(model)) if copy_model else unwrap(model)
+        backbone, head, _ = split_classifier(backbone, head_name)
         return cls(backbone, head, num_classes)
-
-    @classmethod
-    def from_timm(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
-        """Split a timm model: ``get_classifier()`` is the source head; the backbone is the model after
-        ``reset_classifier(0)`` (its forward = ``forward_features`` + ``forward_head(pre_logits=True)``)."""
-        model = unwrap(model)
-        if not (hasattr(model, "get_classifier") and hasattr(model, "reset_classifier")):
-            raise TypeError(
-                f"{type(model).__name__} is not a timm model (no get_classifier/reset_classifier); "
-                "use LwFClassifier.from_torchvision or LwFClassifier(backbone, head_source, ...)"
-            )
-        head = model.get_classifier()
-        if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
-            raise ValueError(
-                "the timm model has no classifier head (created with num_classes=0?); LwF needs the pretrained head"
-            )
-        head = copy.deepcopy(head)
-        backbone = copy.deepcopy(model) if copy_model else model
-        backbone.reset_classifier(0)
-        return cls(backbone, head, num_classes)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, num_classes: int, copy_model: bool = True) -> LwFClassifier:
-        """:meth:`from_timm` for timm models, else :meth:`from_torchvision`."""
-        if hasattr(unwrap(model), "reset_classifier"):
-            return cls.from_timm(model, num_classes, copy_model)
-        return cls.from_torchvision(model, num_classes, copy_model=copy_model)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -208,7 +165,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
+            raise FineregTypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -219,26 +176,20 @@ class IndexedDataset(torch.utils.data.Dataset):
         return (*item, i) if isinstance(item, tuple) else (item, i)
 
 
-def _batch_parts(batch: Any) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        idx = batch[2] if len(batch) >= 3 else None
-        if idx is not None:
-            idx = torch.as_tensor(idx)
-            if idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool) or idx.dim() != 1:
-                raise ValueError(
-                    "the third item of a batch must be the 1-D integer sample indices (see IndexedDataset)"
-                )
-        return batch[0], idx
-    raise TypeError(
-        f"a batch must be a tensor of inputs or a tuple (inputs, labels[, indices]), got {type(batch).__name__}"
-    )
-
-
 def _is_shuffled(loader: Iterable) -> bool:
     sampler = getattr(loader, "sampler", None)
     return sampler is not None and not isinstance(sampler, torch.utils.data.SequentialSampler)
+
+
+def _refuse_shuffled_without_indices(loader: Iterable) -> Iterator:
+    """The batches of ``loader``; a shuffling loader whose first batch carries no indices is refused at once."""
+    for i, batch in enumerate(loader):
+        if i == 0 and batch_parts(batch)[2] is None and _is_shuffled(loader):
+            raise FineregError(
+                "the loader shuffles but its batches carry no sample indices: use shuffle=False or wrap the "
+                "dataset in IndexedDataset"
+            )
+        yield batch
 
 
 @torch.no_grad()
@@ -269,38 +220,17 @@ def record_source_predictions(
         float32 CPU tensor (N, C_s); N = number of samples.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise FineregTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
-    forward = inner.source_logits if isinstance(inner, LwFClassifier) else model
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
+    forward = inner.source_logits if isinstance(inner, LwFClassifier) else None
 
     def compute() -> dict:
-        outs, idxs, seen = [], [], 0
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in loader:
-                x, idx = _batch_parts(batch)
-                if idx is None:
-                    if _is_shuffled(loader):
-                        raise ValueError(
-                            "the loader shuffles but its batches carry no sample indices: use "
-                            "shuffle=False or wrap the dataset in IndexedDataset"
-                        )
-                    idx = torch.arange(seen, seen + x.shape[0])
-                seen += x.shape[0]
-                outs.append(forward(x.to(device)).float().cpu())
-                idxs.append(idx.cpu().long())
-        finally:
-            model.train(was_training)
-        if not outs:
-            raise ValueError("the data loader yielded no batches")
-        out, idx = torch.cat(outs), torch.cat(idxs)
+        got = source_outputs(model, _refuse_shuffled_without_indices(loader), device=device, forward=forward)
+        out = got.outputs.float()
+        idx = got.indices if got.indices is not None else torch.arange(len(out))
         n = int(idx.max()) + 1
         if idx.min() < 0 or len(idx) != n or torch.bincount(idx, minlength=n).ne(1).any():
-            raise ValueError(
+            raise FineregError(
                 f"sample indices must cover 0..N-1 exactly once; got {len(idx)} samples with "
                 f"indices in [{int(idx.min())}, {int(idx.max())}]"
             )
@@ -311,7 +241,7 @@ def record_source_predictions(
     key = None
     if cache_dir is not None:
         if data_key is not None and not isinstance(data_key, str):
-            raise TypeError("data_key must be a string")
+            raise FineregTypeError("data_key must be a string")
         key = make_key(
             "lwf-source-predictions",
             module_fingerprint(model),

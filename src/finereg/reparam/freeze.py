@@ -11,11 +11,8 @@ entries of ``original``, and none of it shows). The gradient w.r.t. ``original``
 of ``weight`` at trainable entries and 0 at frozen ones, so trainable entries get exactly the update they
 would get without freezing (every torch optimizer here is element-wise). The buffers travel in
 ``state_dict``. The parameter object is kept (now ``module.parametrizations.weight.original``), so an
-optimizer built before ``freeze`` keeps working.
-
-Why not the usual answers: ``weight.data[i].requires_grad = False`` sets a flag on a temporary view and
-does nothing; a gradient hook zeroing the frozen gradient still lets weight decay (``wd · w`` is added to
-the gradient inside the optimizer) and momentum / Adam moments from earlier steps move the entries.
+optimizer built before ``freeze`` keeps working. (Why not ``requires_grad`` or a gradient hook:
+docs/weight_groups.md.)
 
 ``frozen`` is a bool mask of the parameter's shape, or a sequence of output-unit indices: rows of dim 0
 (Linear / Conv out channels, embedding rows, bias entries). For ConvTranspose weights (in, out/groups, k...)
@@ -37,8 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._checks import FineregError, FineregIndexError, FineregTypeError, check_type
 from .._utils import get_submodule, unknown_name_error, unwrap
 from ..weight.groups import matrix_to_weight, matrix_view
+from ._parametrize import index_of, refuse_ddp, register, remove
 
 __all__ = ["PartialFreeze", "freeze", "unfreeze", "frozen_mask"]
 
@@ -53,7 +52,7 @@ class PartialFreeze(nn.Module):
     def __init__(self, mask: Tensor, values: Tensor):
         super().__init__()
         if mask.dtype != torch.bool or mask.shape != values.shape:
-            raise ValueError("PartialFreeze needs a bool mask of the same shape as values")
+            raise FineregError("PartialFreeze needs a bool mask of the same shape as values")
         self.register_buffer("mask", mask.clone())
         self.register_buffer("values", values.detach().clone())
 
@@ -68,11 +67,12 @@ class PartialFreeze(nn.Module):
         return f"frozen={self.n_frozen}/{self.mask.numel()}"
 
 
-def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+def _resolve(module: nn.Module, name: str, what: str | None = None) -> tuple[nn.Module, str]:
+    check_type(module, "module", nn.Module, "an nn.Module")
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a tensor name such as 'weight' or 'conv.weight', got {name!r}")
+        raise FineregTypeError(f"name must be a tensor name such as 'weight' or 'conv.weight', got {name!r}")
+    if what is not None:
+        refuse_ddp(module, what)
     module = unwrap(module)
     if "." in name:
         sub, name = name.rsplit(".", 1)
@@ -94,22 +94,15 @@ def _param(module: nn.Module, name: str) -> Tensor:
     return getattr(module, name)
 
 
-def _freeze_index(plist) -> int | None:
-    for i, p in enumerate(plist):
-        if isinstance(p, PartialFreeze):
-            return i
-    return None
-
-
 def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
     try:
         idx = torch.as_tensor(units)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen must be a bool mask or a sequence of output-unit indices, got {type(units).__name__}"
         ) from e
     if idx.dim() != 1 or (idx.numel() and (idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex())):
-        raise TypeError(
+        raise FineregTypeError(
             f"output-unit indices must be a 1-D sequence of ints, got {idx.dtype} of shape {tuple(idx.shape)}"
         )
     idx = idx.long()
@@ -120,7 +113,7 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
         n_units = mat.shape[0]
     bad = idx[(idx < -n_units) | (idx >= n_units)]
     if bad.numel():
-        raise IndexError(
+        raise FineregIndexError(
             f"output-unit index {int(bad[0])} is out of range for {name} with {n_units} output units "
             f"(valid: 0..{n_units - 1}, or negative from the end)"
         )
@@ -131,20 +124,22 @@ def _units_mask(module: nn.Module, name: str, like: Tensor, units) -> Tensor:
 def _make_mask(module: nn.Module, name: str, like: Tensor, frozen) -> Tensor:
     if isinstance(frozen, Tensor) and frozen.dtype == torch.bool:
         if frozen.shape != like.shape:
-            raise ValueError(
+            raise FineregError(
                 f"frozen mask has shape {tuple(frozen.shape)} but {name} has shape {tuple(like.shape)}; "
                 "pass a bool mask of the parameter's shape, or a list of output-unit indices"
             )
         return frozen.to(like.device)
     if isinstance(frozen, Tensor) and frozen.shape == like.shape and like.dim() > 1:
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen mask must have dtype torch.bool (True = frozen), got {frozen.dtype}; "
             "use mask.bool() (or mask != 0)"
         )
     if isinstance(frozen, Tensor) and frozen.is_floating_point():
-        raise TypeError(f"frozen must be a bool mask or integer output-unit indices, got a {frozen.dtype} tensor")
+        raise FineregTypeError(
+            f"frozen must be a bool mask or integer output-unit indices, got a {frozen.dtype} tensor"
+        )
     if not isinstance(frozen, (Tensor, Sequence, range)) or isinstance(frozen, str):
-        raise TypeError(
+        raise FineregTypeError(
             f"frozen must be a bool mask of the parameter's shape or a sequence of output-unit indices, "
             f"got {type(frozen).__name__}"
         )
@@ -164,7 +159,8 @@ def freeze(module: nn.Module, name: str, frozen) -> nn.Module:
     """Freeze part of ``module.<name>``: the entries under ``frozen`` keep their current values exactly.
 
     Args:
-        module: the module holding the parameter (DDP / compile wrappers accepted).
+        module: the module holding the parameter (a ``torch.compile`` wrapper is looked through; freeze before
+            wrapping in DistributedDataParallel).
         name: the parameter's name, e.g. ``"weight"``, or a dotted path from ``module`` (``"conv.weight"``).
         frozen: bool tensor of the parameter's shape (True = frozen), or a sequence of output-unit indices
             (dim 0; ConvTranspose weights: output channels, see the module docstring). Negative indices
@@ -173,21 +169,19 @@ def freeze(module: nn.Module, name: str, frozen) -> nn.Module:
     Calling ``freeze`` again on a frozen tensor adds to the frozen set (the newly frozen entries keep their
     current values). Returns the module that holds the parameter.
     """
-    module, name = _resolve(module, name)
+    module, name = _resolve(module, name, "freeze")
     current = _param(module, name)
     mask = _make_mask(module, name, current, frozen)
-    if parametrize.is_parametrized(module, name):
-        plist = module.parametrizations[name]
-        i = _freeze_index(plist)
-        if i is not None:  # extend the frozen set of the existing parametrization
-            with torch.no_grad():
-                p = plist[i]
-                p.values.copy_(p(_stage_input(module, name, i)))
-                p.mask |= mask
-            return module
+    i = index_of(module, name, PartialFreeze)
+    if i is not None:  # extend the frozen set of the existing parametrization
+        with torch.no_grad():
+            p = module.parametrizations[name][i]
+            p.values.copy_(p(_stage_input(module, name, i)))
+            p.mask |= mask
+        return module
     with torch.no_grad():
         values = current.detach().clone()
-    parametrize.register_parametrization(module, name, PartialFreeze(mask, values))
+    register(module, name, PartialFreeze(mask, values))
     return module
 
 
@@ -199,20 +193,20 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
     the optimizer accumulated meanwhile). Other parametrizations on the tensor stay. If freezing sits after
     other parametrizations, they need a ``right_inverse`` to write the frozen values through them.
     """
-    module, name = _resolve(module, name)
+    module, name = _resolve(module, name, "unfreeze")
     _param(module, name)
-    plist = module.parametrizations[name] if parametrize.is_parametrized(module, name) else None
-    i = _freeze_index(plist) if plist is not None else None
+    i = index_of(module, name, PartialFreeze)
     if i is None:
-        raise ValueError(f"{type(module).__name__}.{name} is not frozen (no PartialFreeze parametrization)")
+        raise FineregError(f"{type(module).__name__}.{name} is not frozen (no PartialFreeze parametrization)")
+    plist = module.parametrizations[name]
     if len(plist) == 1:
-        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+        remove(module, name)
         return module
     with torch.no_grad():
         value = plist[i](_stage_input(module, name, i))  # what the freezing stage outputs now
         for inner in reversed(list(plist)[:i]):
             if not hasattr(inner, "right_inverse"):
-                raise ValueError(
+                raise FineregError(
                     f"cannot unfreeze {type(module).__name__}.{name}: freezing sits after {type(inner).__name__}, "
                     "which has no right_inverse to write the frozen values through. Remove the other "
                     "parametrizations first (torch.nn.utils.parametrize.remove_parametrizations(module, name) "
@@ -220,7 +214,7 @@ def unfreeze(module: nn.Module, name: str = "weight") -> nn.Module:
                 )
             value = inner.right_inverse(value)
             if not isinstance(value, Tensor):
-                raise ValueError(
+                raise FineregError(
                     f"{type(inner).__name__}.right_inverse returns several tensors; cannot unfreeze through it"
                 )
         plist.original.copy_(value)
@@ -232,7 +226,5 @@ def frozen_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
     """The bool mask of the frozen entries of ``module.<name>`` (a copy), or None if it is not frozen."""
     module, name = _resolve(module, name)
     _param(module, name)
-    if not parametrize.is_parametrized(module, name):
-        return None
-    i = _freeze_index(module.parametrizations[name])
+    i = index_of(module, name, PartialFreeze)
     return None if i is None else module.parametrizations[name][i].mask.clone()

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import FineregError, check_bool, check_int, check_number
+from .._select import select_modules
 from .._utils import unwrap
-from .standardize import ConversionReport, select_modules
+from ._parametrize import refuse_ddp
+from ._report import ConversionReport, finish
 
 __all__ = ["batchnorm_to_groupnorm"]
 
@@ -37,12 +40,14 @@ def batchnorm_to_groupnorm(
     exclude: str | Sequence[str] | None = None,
     eps: float | None = None,
     copy_affine: bool = True,
+    strict: bool = False,
 ) -> ConversionReport:
     """Replace, in place, every BatchNorm{1,2,3}d / SyncBatchNorm of ``model`` by a ``nn.GroupNorm``.
 
     The GroupNorm keeps the channel count, ``affine`` flag, device and dtype of the BatchNorm it replaces;
     with ``copy_affine`` its γ, β start from the BatchNorm's (running statistics are dropped: GN has none,
-    so the outputs differ from the BatchNorm's). Convert before wrapping the model in DDP.
+    so the outputs differ from the BatchNorm's). Convert before wrapping the model in DistributedDataParallel (a
+    DDP-wrapped model is refused).
 
     Args:
         model: the model (DDP / ``torch.compile`` wrappers accepted); not itself a BatchNorm.
@@ -52,23 +57,27 @@ def batchnorm_to_groupnorm(
         include, exclude: glob patterns over module names (see :func:`finereg.reparam.standardize.standardize`).
         eps: GroupNorm eps; default: the BatchNorm's eps.
         copy_affine: start γ, β from the BatchNorm's weight and bias.
+        strict: a model with no BatchNorm to convert raises an error (default: a
+            :class:`~finereg._checks.FineregWarning`).
 
     Raises ``ValueError`` naming the layer and the nearest valid group counts when a channel count is not
     divisible. Returns a :class:`ConversionReport`.
     """
     if (num_groups is None) == (channels_per_group is None):
-        raise ValueError(
+        raise FineregError(
             "give exactly one of num_groups and channels_per_group "
             "(e.g. num_groups=32, or num_groups=None, channels_per_group=16)"
         )
     for label, v in (("num_groups", num_groups), ("channels_per_group", channels_per_group)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{label} must be a positive int, got {v!r}")
-    if eps is not None and not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if v is not None:
+            check_int(v, label, low=1)
+    if eps is not None:
+        check_number(eps, "eps", low=0, low_open=True)
+    check_bool(strict, "strict")
+    refuse_ddp(model, "batchnorm_to_groupnorm")
     root = unwrap(model)
     if isinstance(root, _BN):
-        raise ValueError(
+        raise FineregError(
             "model is itself a BatchNorm layer; it cannot be replaced in place. "
             "Build nn.GroupNorm directly or pass the model that contains it"
         )
@@ -81,14 +90,14 @@ def batchnorm_to_groupnorm(
         if num_groups is not None:
             g = num_groups
             if c % g:
-                raise ValueError(
+                raise FineregError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by num_groups={g}; "
                     f"group counts that divide {c} near {g}: {_divisors_near(c, g)} "
                     "(or pass channels_per_group=..., or exclude this layer)"
                 )
         else:
             if c % channels_per_group:
-                raise ValueError(
+                raise FineregError(
                     f"{name} ({type(bn).__name__}) has {c} channels, not divisible by channels_per_group="
                     f"{channels_per_group}; divisors of {c} near it: {_divisors_near(c, channels_per_group)}"
                 )
@@ -108,4 +117,4 @@ def batchnorm_to_groupnorm(
         parent_name, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent_name), child, gn)
         report.changed.append((name, f"{type(bn).__name__}({bn.num_features}) -> GroupNorm({g}, {bn.num_features})"))
-    return report
+    return finish(report, strict, f"no BatchNorm layer to convert (include={include!r}, exclude={exclude!r})")

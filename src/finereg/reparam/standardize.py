@@ -32,26 +32,22 @@ the ops used is down-cast by autocast, so under ``torch.autocast`` the statistic
 convolution itself runs in the low precision.
 
 ``bake(model)`` removes the parametrizations and leaves plain layers holding Ŵ (same outputs), for export.
-
-Why not the seed's first attempt (``conv.weight.data = bn(conv.weight.data)`` in ``forward``): it rewrites
-the parameter outside autograd, so the raw weight is overwritten by its standardized copy on every forward
-and its gradient is dL/dŴ instead of Jᵀ·dL/dŴ (which has zero row sums: WS is invariant to shifting a
-unit's weights); ``BatchNorm2d`` over the weight also normalizes per *input* channel (dim 1), not per
-output channel.
+Why not rewriting ``weight.data`` in ``forward``, and the measured speed: docs/weight_standardization.md.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from .._utils import strip_prefixes, unknown_name_error, unwrap
+from .._checks import FineregError, check_bool, check_choice, check_number, check_type
+from .._select import select_modules
+from .._utils import unwrap
+from ._parametrize import index_of, refuse_ddp, register, remove
+from ._report import ConversionReport, finish
 
 __all__ = ["WeightStandardization", "ConversionReport", "standardize", "bake", "VARIANTS"]
 
@@ -131,6 +127,19 @@ class _FusedStandardize(torch.autograd.Function):
         return dx, None, None
 
 
+def _units_and_fan_in(shape: Sequence[int], transposed: bool, groups: int) -> tuple[int, int]:
+    """(output units, fan-in) of a weight of ``shape`` (see the module docstring's table)."""
+    kernel = math.prod(shape[2:])
+    if transposed:
+        return groups * shape[1], shape[0] // groups * kernel
+    return shape[0], math.prod(shape[1:])
+
+
+def _module_fan_in(module: nn.Module) -> int:
+    transposed = bool(getattr(module, "transposed", False))
+    return _units_and_fan_in(tuple(module.weight.shape), transposed, getattr(module, "groups", 1))[1]
+
+
 class WeightStandardization(nn.Module):
     """Parametrization ``W ↦ Ŵ``: each output unit's weights standardized over its fan-in (see module doc).
 
@@ -169,31 +178,28 @@ class WeightStandardization(nn.Module):
     ):
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(
+            raise FineregError(
                 f"unknown weight standardization variant {variant!r}; choose one of {list(VARIANTS)} "
                 "('ws': paper, unbiased std + eps; 'bit': timm StdConv2d; 'scaled': timm ScaledStdConv2d)"
             )
         shape = tuple(int(s) for s in weight_shape)
         if len(shape) < 2:
-            raise ValueError(f"weight standardization needs a weight with ≥ 2 dims (conv / linear), got shape {shape}")
+            raise FineregError(
+                f"weight standardization needs a weight with ≥ 2 dims (conv / linear), got shape {shape}"
+            )
         if not isinstance(groups, int) or groups < 1 or (transposed and shape[0] % groups):
-            raise ValueError(
+            raise FineregError(
                 f"groups={groups!r} does not fit a ConvTranspose weight of shape {shape} "
                 "(in_channels must be divisible by groups)"
             )
         eps = VARIANTS[variant] if eps is None else eps
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0 (it keeps a constant unit finite), got {eps!r}")
+        check_number(eps, "eps (it keeps a constant unit finite)", low=0, low_open=True)
         self.variant, self.eps, self.transposed = variant, float(eps), bool(transposed)
         self.groups = groups if transposed else 1
         self.weight_shape = shape
-        kernel = math.prod(shape[2:])
-        if transposed:
-            self.out_units, self.fan_in = groups * shape[1], shape[0] // groups * kernel
-        else:
-            self.out_units, self.fan_in = shape[0], math.prod(shape[1:])
+        self.out_units, self.fan_in = _units_and_fan_in(shape, transposed, groups)
         if self.fan_in < 2:
-            raise ValueError(
+            raise FineregError(
                 f"a weight of shape {shape} has a fan-in of {self.fan_in}: standardizing one weight per "
                 "output unit gives 0 (or NaN for 'ws'); exclude this layer"
             )
@@ -308,132 +314,6 @@ class WeightStandardization(nn.Module):
         return s
 
 
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class ConversionReport:
-    """What a model conversion did: ``changed`` = [(module name, description)], ``skipped`` = [(name, reason)]."""
-
-    action: str
-    changed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def names(self) -> list[str]:
-        """Names of the changed modules (as in ``model.named_modules()``; the root is ``""``)."""
-        return [n for n, _ in self.changed]
-
-    def __len__(self) -> int:
-        return len(self.changed)
-
-    def __str__(self) -> str:
-        lines = [f"{self.action}: {len(self.changed)} module(s) changed, {len(self.skipped)} skipped"]
-        width = max((len(n or "(root)") for n, _ in self.changed + self.skipped), default=0)
-        lines += [f"  {(n or '(root)'):<{width}}  {d}" for n, d in self.changed]
-        if self.skipped:
-            lines.append("skipped:")
-            lines += [f"  {(n or '(root)'):<{width}}  {r}" for n, r in self.skipped]
-        return "\n".join(lines)
-
-
-def _patterns(arg, label: str) -> list[str] | None:
-    if arg is None:
-        return None
-    if isinstance(arg, str):
-        arg = [arg]
-    if not isinstance(arg, (list, tuple)) or not all(isinstance(p, str) for p in arg):
-        raise TypeError(
-            f"{label} must be a glob pattern or a list of glob patterns over module names "
-            f"(e.g. 'layer1.*' or ['conv1', '*.downsample.0']), got {arg!r}"
-        )
-    return [strip_prefixes(p) for p in arg]
-
-
-def select_modules(
-    model: nn.Module, is_candidate: Callable[[nn.Module], bool], include, exclude, kind: str, hint: str = ""
-) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` of ``model`` that are candidates and match ``include`` and not ``exclude``.
-
-    Every pattern must match at least one module name (a typo would silently change nothing); an
-    ``include`` pattern must match at least one candidate. Errors list close matches.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
-    named = list(unwrap(model).named_modules())
-    names = [n for n, _ in named]
-    cand = [(n, m) for n, m in named if is_candidate(m)]
-    for label, pats in (("include", inc), ("exclude", exc)):
-        for p in pats or []:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
-            if not hits:
-                raise unknown_name_error(
-                    "module",
-                    p,
-                    [n for n in names if n],
-                    hint=f"({label} patterns are globs over model.named_modules() names)",
-                )
-            if label == "include" and not any(fnmatch.fnmatchcase(n, p) for n, _ in cand):
-                shown = ", ".join(f"{h!r} ({type(dict(named)[h]).__name__})" for h in hits[:5])
-                raise ValueError(f"include pattern {p!r} matches {shown} but no {kind}{hint}")
-    out = []
-    for n, m in cand:
-        if inc is not None and not any(fnmatch.fnmatchcase(n, p) for p in inc):
-            continue
-        if exc is not None and any(fnmatch.fnmatchcase(n, p) for p in exc):
-            continue
-        out.append((n, m))
-    return out
-
-
-def _ws_index(module: nn.Module, name: str = "weight") -> int | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    for i, p in enumerate(module.parametrizations[name]):
-        if isinstance(p, WeightStandardization):
-            return i
-    return None
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own before adding or removing a parametrization.
-
-    ``torch.nn.utils.parametrize`` keeps the parametrized tensors as properties of a class made per module,
-    but ``copy.deepcopy`` shares that class between the original and the copy; removing (or adding) a
-    parametrization on one then edits the other's class too (``bake(copy.deepcopy(model))`` would break
-    ``model``). A sibling class with the same properties isolates the module.
-    """
-    if not parametrize.is_parametrized(module):
-        return
-    cls = module.__class__
-    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, body)
-
-
-def _install_fast_getter(module: nn.Module, name: str = "weight") -> None:
-    """Replace parametrize's property for ``name`` (on the module's own class) by a shorter path.
-
-    For a chain holding only a :class:`WeightStandardization` and outside ``parametrize.cached()`` it calls
-    the parametrization directly, skipping ``ParametrizationList.forward`` (which builds a new ModuleList
-    for ``self[1:]`` on every access): this halves the Python cost of reading the weight, which is what a
-    cached eval-mode forward pays. Any other case goes through parametrize's own getter. Setter unchanged.
-    """
-    cls = type(module)
-    prop = cls.__dict__.get(name)
-    if not isinstance(prop, property) or not isinstance(getattr(parametrize, "_cache_enabled", None), int):
-        return
-    slow = getattr(prop.fget, "_finereg_slow", prop.fget)
-
-    def get(self):
-        plist = self._modules["parametrizations"]._modules[name]
-        original = plist._parameters.get("original")
-        if original is not None and len(plist._modules) == 1 and not parametrize._cache_enabled:
-            return plist._modules["0"](original)
-        return slow(self)
-
-    get._finereg_slow = slow
-    setattr(cls, name, property(get, prop.fset, prop.fdel, prop.__doc__))
-
-
 def standardize(
     model: nn.Module,
     variant: str = "ws",
@@ -445,6 +325,7 @@ def standardize(
     gamma: float = 1.0,
     gain_init: float = 1.0,
     cache_eval: bool = True,
+    strict: bool = False,
 ) -> ConversionReport:
     """Weight-standardize, in place, the convolutions (and optionally Linear layers) of ``model``.
 
@@ -454,12 +335,15 @@ def standardize(
     classifier head it fixes each logit's weight norm, so it is opt-in).
 
     Args:
-        model: any module (DDP / ``torch.compile`` wrappers accepted; convert before wrapping in DDP).
+        model: any module (a ``torch.compile`` wrapper is looked through; standardize before wrapping in
+            DistributedDataParallel: a DDP-wrapped model is refused).
         variant: ``"ws"``, ``"bit"`` or ``"scaled"`` (see the module docstring for the formulas).
         include, exclude: glob patterns over ``model.named_modules()`` names (``"layer1.*"``,
             ``"*.downsample.0"``); default: every candidate layer. A pattern matching no module is an error.
         linear: also standardize ``nn.Linear`` layers.
         eps, gamma, gain_init, cache_eval: see :class:`WeightStandardization`.
+        strict: a model with nothing to standardize raises an error (default: a
+            :class:`~finereg._checks.FineregWarning`).
 
     Layers with a fan-in of 1, already standardized weights and timm's ``StdConv2d`` family are skipped and
     listed in the report. Returns a :class:`ConversionReport` (``print`` it).
@@ -469,10 +353,11 @@ def standardize(
         report = standardize(torchvision.models.resnet50(), "ws", exclude="conv1")
         print(report)
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown weight standardization variant {variant!r}; choose one of {list(VARIANTS)}")
-    if not isinstance(linear, bool):
-        raise TypeError(f"linear must be True or False, got {linear!r}")
+    check_type(model, "model", nn.Module, "an nn.Module")
+    refuse_ddp(model, "standardize")
+    check_choice(variant, "variant", VARIANTS)
+    check_bool(linear, "linear")
+    check_bool(strict, "strict")
     types = _CONV + ((nn.Linear,) if linear else ())
     hint = "" if linear else " (nn.Linear layers are standardized only with linear=True)"
     chosen = select_modules(
@@ -490,29 +375,25 @@ def standardize(
             report.skipped.append((name, f"{kind} already standardizes its weight"))
             continue
         if nn.parameter.is_lazy(module.weight):
-            raise ValueError(
+            raise FineregError(
                 f"{name or 'the model'} ({kind}) is a lazy module with an uninitialized weight; run one "
                 "forward pass (or materialize it) before standardize()"
             )
-        i = _ws_index(module)
+        i = index_of(module, "weight", WeightStandardization)
         if i is not None:
             report.skipped.append((name, f"already standardized ({module.parametrizations.weight[i].variant!r})"))
             continue
-        try:
-            ws = WeightStandardization.for_module(
-                module, variant, eps=eps, gamma=gamma, gain_init=gain_init, cache_eval=cache_eval
-            )
-        except ValueError as e:
-            if "fan-in" in str(e):
-                report.skipped.append((name, f"fan-in {math.prod(module.weight.shape[1:])} < 2"))
-                continue
-            raise
+        if _module_fan_in(module) < 2:
+            report.skipped.append((name, f"fan-in {_module_fan_in(module)} < 2"))
+            continue
+        ws = WeightStandardization.for_module(
+            module, variant, eps=eps, gamma=gamma, gain_init=gain_init, cache_eval=cache_eval
+        )
         ws.train(module.training)
-        _own_class(module)
-        parametrize.register_parametrization(module, "weight", ws)
-        _install_fast_getter(module)
+        register(module, "weight", ws)
         report.changed.append((name, f"{kind} {tuple(module.weight.shape)} fan_in={ws.fan_in}"))
-    return report
+    kinds = "convolution" + (" or Linear layer" if linear else "")
+    return finish(report, strict, f"no {kinds} to standardize (include={include!r}, exclude={exclude!r}){hint}")
 
 
 def bake(model: nn.Module) -> ConversionReport:
@@ -524,15 +405,13 @@ def bake(model: nn.Module) -> ConversionReport:
     same weight (e.g. partial freezing) are baked in too — baking is for inference and export. Layers whose
     weight is not standardized are untouched. Returns a :class:`ConversionReport` of the baked layers.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_type(model, "model", nn.Module, "an nn.Module")
     report = ConversionReport("bake")
     for name, module in unwrap(model).named_modules():
-        if _ws_index(module) is None:
+        if index_of(module, "weight", WeightStandardization) is None:
             continue
         chain = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
-        _own_class(module)
         with torch.no_grad():
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            remove(module, "weight")
         report.changed.append((name, f"{type(module).__name__}: baked {chain}"))
     return report

@@ -29,14 +29,15 @@ from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
 from .checkpoint import save_checkpoint
 from .config import FitConfig, resolve
-from .data import TrainData, check_batch_size, derive_seed
-from .datasets import BUILTIN_DATASETS, load_data
+from .data import Batch, TrainData, check_batch_size, derive_seed
+from .datasets import load_data
 from .methods import Context, Recipe, build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, write_text_atomic
-from .models import Outputs, TransferNet, build_model
+from .models import ModelBundle, Outputs, TransferNet, build_model, input_normalization
+from .prefix import freeze_prefix
 from .run_dir import RunDir
 
-__all__ = ["Run", "build", "param_groups"]
+__all__ = ["Run", "build", "build_task", "param_groups"]
 
 
 @dataclass
@@ -65,6 +66,14 @@ class Run:
     meter_state: dict | None = None
     rng: Tensor | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_device(self, batch: Batch) -> Batch:
+        """``batch`` in the memory format the network trains in."""
+        if not self.cfg.channels_last or batch.x.dim() != 4:
+            return batch
+        cl = torch.channels_last
+        views = [v.contiguous(memory_format=cl) for v in batch.views]
+        return dataclasses.replace(batch, x=batch.x.contiguous(memory_format=cl), views=views)
 
     @property
     def batch_slice(self) -> slice:
@@ -125,6 +134,27 @@ def _probe(net: TransferNet, data: TrainData, arch: str) -> None:
         net.train()
 
 
+def build_task(cfg: FitConfig, log: Callable[[str], None] = print) -> tuple[TrainData, ModelBundle]:
+    """The data and the network of a resolved ``cfg``: the data normalized as the network expects, and with
+    ``frozen_prefix`` the prefix frozen and its outputs (cached on disk) as the data's images. Also run once by
+    ``finereg bench`` before its workers start, so that they find the caches made."""
+    data = load_data(
+        cfg.data,
+        sample_rate=cfg.sample_rate,
+        data_seed=cfg.data_seed,
+        image_size=cfg.image_size,
+        workers=cfg.workers,
+        normalization=input_normalization(cfg.arch, cfg.weights),
+        log=log,
+    )
+    bundle = build_model(
+        cfg.arch, len(data.classes), weights=cfg.weights, in_channels=data.in_channels, cache_dir=cfg.cache_dir, log=log
+    )
+    if cfg.frozen_prefix not in (None, "none"):
+        data = freeze_prefix(bundle.net.backbone, data, cfg.frozen_prefix, default_cache_dir(cfg.cache_dir), log)
+    return data, bundle
+
+
 def build(cfg: FitConfig, rd: RunDir, info: fdist.DistInfo, log: Callable[[str], None]) -> Run:
     """The :class:`Run` of ``cfg`` in the held run directory ``rd`` (resumed from ``rd.checkpoint`` if any)."""
     ckpt = rd.checkpoint
@@ -138,7 +168,7 @@ def build(cfg: FitConfig, rd: RunDir, info: fdist.DistInfo, log: Callable[[str],
 
 
 def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
-    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data in BUILTIN_DATASETS)
+    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data == "digits")
     closers.extend(r.close for r in recipes)
     cfg = resolve(cfg, default_weight_decay(recipes))
     if ckpt is not None and ckpt["epoch"] > cfg.epochs:
@@ -147,19 +177,11 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
             "at least as many epochs, or start a new run (another --out)"
         )
     torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))  # new head init
-    data = load_data(
-        cfg.data,
-        sample_rate=cfg.sample_rate,
-        data_seed=cfg.data_seed,
-        image_size=cfg.image_size,
-        workers=cfg.workers,
-        log=log,
-    )
+    data, bundle = build_task(cfg, log)
     check_batch_size(len(data.train), cfg.batch_size)
-    bundle = build_model(
-        cfg.arch, len(data.classes), weights=cfg.weights, in_channels=data.in_channels, cache_dir=cfg.cache_dir, log=log
-    )
     net = bundle.net.to(info.device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
     _probe(net, data, bundle.arch)
     for r in recipes:
         r.prepare(net)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 
 from .._checks import FineregError
+from .config import PROTOCOLS
 from .methods import method_names
 
 __all__ = ["main", "build_parser"]
@@ -31,10 +32,19 @@ _S = argparse.SUPPRESS  # options left out stay unset, so --resume can tell what
 def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default=_S,
+        help="smoke: the built-in digits task (data digits, seconds); real: the ImageNet-pretrained EfficientNet-Lite0 "
+        "on MNIST digits with a shifted test set (data mnist5k); a user's ImageFolder: --data PATH "
+        f"(default: {'real' if for_bench else 'smoke'})",
+    )
+    g.add_argument(
         "--data",
         "-d",
         default=_S,
-        help="built-in dataset (digits) or an ImageFolder root with train/ and val/ (default: digits)",
+        help="a built-in task (digits, mnist5k) or an ImageFolder root with train/ and val/ (the test split) and "
+        "optionally valid/",
     )
     if not for_bench:
         g.add_argument(
@@ -46,15 +56,31 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
             help="percent of each class kept for training, stratified (default: 100)",
         )
     g.add_argument("--data-seed", type=int, default=_S, help="seed of the per-class sampling (default: 0)")
-    g.add_argument("--image-size", type=int, default=_S, help="crop size for ImageFolder data (default: 224)")
+    g.add_argument(
+        "--image-size", type=int, default=_S, help="input resolution (default: 32 on mnist5k, 224 on ImageFolder data)"
+    )
     g.add_argument("--workers", "-j", type=int, default=_S, help="data loading processes (default: 2)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", "-a", default=_S, help="builtin, a torchvision or timm architecture (default: builtin)")
+    g.add_argument(
+        "--arch",
+        "-a",
+        default=_S,
+        help="builtin, a torchvision or timm architecture (default: builtin on digits, efficientnet_lite0 otherwise)",
+    )
     g.add_argument(
         "--weights",
         default=_S,
         help="builtin | pretrained | a torchvision weight name | PATH | none "
         "(default: builtin for the built-in network, pretrained otherwise)",
+    )
+    g.add_argument(
+        "--frozen-prefix",
+        default=_S,
+        help="blocks.K: freeze the stem and blocks 0..K of a timm EfficientNet and train on their cached outputs; "
+        "none: train all (default: blocks.2 on mnist5k, none otherwise)",
+    )
+    g.add_argument(
+        "--channels-last", action="store_true", default=_S, help="channels-last memory format (default on mnist5k)"
     )
     g = p.add_argument_group("method")
     if not for_bench:
@@ -220,13 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fit_config(ns: argparse.Namespace):
+def _fit_config(ns: argparse.Namespace, default_protocol: str | None = None):
     from .loop import FitConfig
 
     names = {f.name for f in dataclasses.fields(FitConfig)}
     given = {k: v for k, v in vars(ns).items() if k in names}
     if "set" in given:
         given["set"] = list(given["set"])
+    protocol = getattr(ns, "protocol", default_protocol)
+    if protocol is not None:
+        if "data" in given and given["data"] != PROTOCOLS[protocol]:
+            if hasattr(ns, "protocol"):
+                raise FineregError(
+                    f"--protocol {protocol} trains on {PROTOCOLS[protocol]}; --data {given['data']} says otherwise. "
+                    "Give one of them (a user's ImageFolder: --data PATH alone)"
+                )
+        else:
+            given["data"] = PROTOCOLS[protocol]
     return FitConfig(**given)
 
 
@@ -266,7 +302,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 def _cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import BenchConfig, bench
 
-    base = _fit_config(ns)
+    base = _fit_config(ns, default_protocol="real")
     given = {"methods": ns.methods, "rates": ns.rates, "seeds": ns.seeds, "out": ns.out, "jobs": ns.jobs}
     kw = {k: v for k, v in given.items() if v is not None}
     res = bench(BenchConfig(base=base, **kw))

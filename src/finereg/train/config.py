@@ -1,9 +1,12 @@
 """The configuration of a run: :class:`FitConfig`, its checks, its defaults and how a resumed run merges it.
 
-``None`` fields mean "the default for this data and method", filled by :func:`resolve`: on the built-in
-``digits`` task :data:`DIGITS` (6 epochs of 10 steps, batch 32, lr 0.05), elsewhere tllib's :data:`FOLDER`
-(20 epochs of one pass, batch 48, lr 0.01); the learning rate drops by ``lr_gamma`` at 60 % of the epochs; the
-weight decay is tllib's for the method (0 for L2-SP / DELTA, whose penalties replace it; 5e-4 otherwise).
+``None`` fields mean "the default for this data and method", filled by :func:`resolve` from the preset of the
+data's protocol (:data:`PRESETS`): the quick smoke task (``digits``: the built-in network, 6 epochs of 10 steps,
+batch 32, lr 0.05), the real-backbone protocol (``mnist5k``: ImageNet-pretrained EfficientNet-Lite0 at 32 px,
+its stem and first three blocks frozen and cached, settings chosen on the validation split, see
+``docs/protocol.md``), or a user's ImageFolder (tllib's script settings: 20 epochs of one pass, batch 48,
+lr 0.01). The learning rate drops by ``lr_gamma`` at 60 % of the epochs; the weight decay is tllib's for the
+method (0 for L2-SP / DELTA, whose penalties replace it; 5e-4 otherwise).
 """
 
 from __future__ import annotations
@@ -15,13 +18,36 @@ from typing import Any
 from .._checks import FineregError, check_bool, check_int, check_number
 from .datasets import BUILTIN_DATASETS
 
-__all__ = ["FitConfig", "DIGITS", "FOLDER", "RESUME_FREE", "check_config", "resolve", "merge_resume"]
+__all__ = ["FitConfig", "PRESETS", "PROTOCOLS", "RESUME_FREE", "check_config", "resolve", "merge_resume", "preset_of"]
 
-# Defaults of the built-in digits task (measured in docs/engine.md): a short budget of 60 steps, the same for every
-# sampling rate as tllib's fixed --iters-per-epoch; in it the pretrained start beats a random one by 5-10 points.
-DIGITS = {"epochs": 6, "iters_per_epoch": 10, "batch_size": 32, "lr": 0.05}
-# Defaults elsewhere: tllib's example scripts (20 epochs, lr 0.01, batch 48), an epoch being one pass.
-FOLDER = {"epochs": 20, "iters_per_epoch": None, "batch_size": 48, "lr": 0.01}
+PRESETS: dict[str, dict[str, Any]] = {
+    # the quick smoke task (docs/engine.md): a short budget of 60 steps, the same for every sampling rate as
+    # tllib's fixed --iters-per-epoch; in it the pretrained start beats a random one by 5-10 points
+    "digits": {"arch": "builtin", "epochs": 6, "iters_per_epoch": 10, "batch_size": 32, "lr": 0.05},
+    # the real-backbone protocol (docs/protocol.md: each setting chosen on the validation split)
+    "mnist5k": {
+        "arch": "efficientnet_lite0",
+        "image_size": 32,
+        "frozen_prefix": "blocks.2",
+        "channels_last": True,
+        "epochs": 4,
+        "iters_per_epoch": 25,
+        "batch_size": 32,
+        "lr": 0.1,
+    },
+    # a user's ImageFolder: tllib's example scripts (20 epochs of one pass, lr 0.01, batch 48); the default network
+    # is one whose ImageNet weights a package ships, so it runs offline
+    "folder": {
+        "arch": "efficientnet_lite0",
+        "image_size": 224,
+        "epochs": 20,
+        "iters_per_epoch": None,
+        "batch_size": 48,
+        "lr": 0.01,
+    },  # fmt: skip
+}
+# --protocol NAME: the data each protocol trains on (a user's ImageFolder: --data PATH)
+PROTOCOLS = {"smoke": "digits", "real": "mnist5k"}
 
 
 @dataclass
@@ -29,7 +55,7 @@ class FitConfig:
     """Everything a run depends on. ``None`` means "the default for this data / method" (see :func:`resolve`)."""
 
     data: str = "digits"
-    arch: str = "builtin"
+    arch: str | None = None
     weights: str | None = None
     method: str = "erm"
     set: dict[str, Any] = field(default_factory=dict)  # {"bss.trade_off": 0.001}
@@ -45,7 +71,9 @@ class FitConfig:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float | None = None
-    image_size: int = 224
+    image_size: int | None = None
+    frozen_prefix: str | None = None  # "blocks.K": freeze and cache the stem and blocks 0..K ("none": train all)
+    channels_last: bool | None = None
     workers: int = 2
     threads: int | None = None  # CPU threads; default 1 on the built-in task (its tiny model runs fastest so)
     device: str = "auto"
@@ -92,7 +120,7 @@ _RANGES: dict[str, tuple[Any, dict[str, Any]]] = {
     "workers": (check_int, {"low": 0}),
     "threads": (check_int, {"low": 1}),
 }
-_FLAGS = ("bf16", "compile", "deterministic", "overwrite", "progress", "tensorboard")
+_FLAGS = ("bf16", "compile", "deterministic", "overwrite", "progress", "tensorboard", "channels_last")
 
 
 def check_config(cfg: FitConfig) -> None:
@@ -105,14 +133,20 @@ def check_config(cfg: FitConfig) -> None:
         for s in cfg.lr_steps:
             check_int(s, "each of --lr-steps (an epoch)", low=1)
     for name in _FLAGS:
-        check_bool(getattr(cfg, name), name)
+        if getattr(cfg, name) is not None:
+            check_bool(getattr(cfg, name), name)
     if cfg.out is not None and not str(cfg.out).strip():
         raise FineregError("--out is empty; give the run directory (default: runs/fit-<time>)")
 
 
+def preset_of(data: str) -> dict[str, Any]:
+    """The defaults of ``data``'s protocol: a built-in task's own, else those of a user's ImageFolder."""
+    return PRESETS[data if data in BUILTIN_DATASETS else "folder"]
+
+
 def resolve(cfg: FitConfig, default_weight_decay: float) -> FitConfig:
     """``cfg`` with its ``None`` fields set: the data's preset, the schedule at 60 % and the method's weight decay."""
-    preset = DIGITS if cfg.data in BUILTIN_DATASETS else FOLDER
+    preset = {"image_size": 224, "frozen_prefix": "none", "channels_last": False, **preset_of(cfg.data)}
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in preset.items()}
     steps = cfg.lr_steps if cfg.lr_steps is not None else [max(1, round(0.6 * filled["epochs"]))]
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay

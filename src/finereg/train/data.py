@@ -128,8 +128,8 @@ class TensorImages:
         classes: Sequence[str],
         *,
         shift: int = 1,
-        mean: float = 0.0,
-        std: float = 1.0,
+        mean: float | Sequence[float] = 0.0,
+        std: float | Sequence[float] = 1.0,
     ):
         if images.ndim != 4 or images.shape[0] != labels.shape[0]:
             raise FineregError(
@@ -137,7 +137,7 @@ class TensorImages:
                 f"and {tuple(labels.shape)} labels"
             )
         self.images, self.labels = images.float(), labels.long()
-        self.classes, self.shift, self.mean, self.std = list(classes), shift, mean, std
+        self.classes, self.shift, self.mean, self.std = list(classes), shift, _stat(mean), _stat(std)
         self._cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
@@ -161,6 +161,8 @@ class TensorImages:
         return self._cache[device]
 
     def _translate(self, padded: Tensor, seeds: Tensor, view: int) -> Tensor:
+        if self.shift == 0:  # no augmentation
+            return padded
         b, _, hp, wp = padded.shape
         h, w, span = hp - 2 * self.shift, wp - 2 * self.shift, 2 * self.shift + 1
         code = (seeds >> (16 * view)) & 0xFFFF
@@ -171,7 +173,9 @@ class TensorImages:
         return out.permute(0, 3, 1, 2)
 
     def _standardize(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        if isinstance(self.mean, float) and self.mean == 0.0 and self.std == 1.0:
+            return x
+        return (x - _on_device(self.mean, x)) / _on_device(self.std, x)
 
     def train_batches(self, order: Tensor, seeds: Tensor, views: int, device: torch.device) -> Iterator[Batch]:
         """Augmented batches for the rows of ``order`` / ``seeds`` (see :func:`epoch_plan`)."""
@@ -188,6 +192,18 @@ class TensorImages:
             yield Batch(self._standardize(raw[idx.to(device)]), self.labels[idx].to(device), idx)
 
 
+def _stat(v: float | Sequence[float]) -> float | Tensor:
+    """A normalization statistic: a float, or one value per channel as a (C, 1, 1) tensor."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    t = torch.as_tensor(list(v), dtype=torch.float32)
+    return float(t[0]) if bool((t == t[0]).all()) else t.view(-1, 1, 1)
+
+
+def _on_device(v: float | Tensor, x: Tensor) -> float | Tensor:
+    return v.to(x.device) if isinstance(v, Tensor) else v
+
+
 @dataclass
 class TrainData:
     """The splits of a run: ``train`` (after sampling), ``test`` (the evaluation set every epoch reports; an
@@ -202,6 +218,8 @@ class TrainData:
     skipped: int = 0  # unreadable images found and left out
     valid: Any | None = None
     shift: Any | None = None
+    pool: Any | None = None  # in-memory tasks: all candidate training images; train = pool.subset(train_index)
+    train_index: Tensor | None = None
 
     @property
     def in_channels(self) -> int:

@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .._checks import MissingFileError
 from .data import TrainData
 from .digits import digits_task
 from .folder import load_folder
+from .real_task import REAL_TASKS, real_task
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 __all__ = ["BUILTIN_DATASETS", "load_data"]
 
-BUILTIN_DATASETS = ("digits",)
+BUILTIN_DATASETS = ("digits", *REAL_TASKS)
 
 
 def load_data(
-    data: str, *, sample_rate: float = 100, data_seed: int = 0, image_size: int = 224, workers: int = 2, log=print
+    data: str,
+    *,
+    sample_rate: float = 100,
+    data_seed: int = 0,
+    image_size: int = 224,
+    workers: int = 2,
+    normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    log=print,
 ) -> TrainData:
-    """A built-in task (``digits``: :func:`~finereg.train.digits.digits_task`) or an ImageFolder root
-    (:func:`~finereg.train.folder.load_folder`); the training set keeps ``sample_rate`` percent of each class
-    (stratified, seeded by ``data_seed``), the other splits are whole."""
-    if data in BUILTIN_DATASETS:
+    """A built-in task (``digits``: the quick smoke task of :func:`~finereg.train.digits.digits_task`;
+    ``mnist5k``: the real-backbone protocol's target of :func:`~finereg.train.real_task.real_task`) or an
+    ImageFolder root (:func:`~finereg.train.folder.load_folder`); the training set keeps ``sample_rate`` percent of
+    each class (stratified, seeded by ``data_seed``), the other splits are whole. ``normalization``: the
+    ``(mean, std)`` the network expects of inputs in [0, 1] (ImageNet's if not given; the built-in digits task has
+    its own)."""
+    if data == "digits":
         return digits_task(sample_rate, data_seed)
+    mean, std = normalization or (IMAGENET_MEAN, IMAGENET_STD)
+    if data in REAL_TASKS:
+        return real_task(data, sample_rate=sample_rate, data_seed=data_seed, image_size=image_size, mean=mean, std=std)
     root = Path(data).expanduser()
     if not root.exists():
         raise MissingFileError(
@@ -29,5 +46,12 @@ def load_data(
             "give an ImageFolder root with train/<class>/<image> and val/<class>/<image>"
         )
     return load_folder(
-        root, sample_rate=sample_rate, data_seed=data_seed, image_size=image_size, workers=workers, log=log
+        root,
+        sample_rate=sample_rate,
+        data_seed=data_seed,
+        image_size=image_size,
+        workers=workers,
+        mean=mean,
+        std=std,
+        log=log,
     )

@@ -84,5 +84,6 @@ def digits_target() -> tuple[TensorImages, TensorImages, TensorImages]:
 def digits_task(sample_rate: float = 100, data_seed: int = 0) -> TrainData:
     """The built-in task's splits, the training set sampled to ``sample_rate`` percent of each class."""
     pool, valid, test = digits_target()
-    train = pool.subset(stratified_subset(pool.labels, sample_rate, data_seed)) if sample_rate < 100 else pool
-    return TrainData("digits", train, test, pool.classes, valid=valid)
+    index = stratified_subset(pool.labels, sample_rate, data_seed) if sample_rate < 100 else torch.arange(len(pool))
+    train = pool.subset(index) if sample_rate < 100 else pool
+    return TrainData("digits", train, test, pool.classes, valid=valid, pool=pool, train_index=index)

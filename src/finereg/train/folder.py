@@ -70,19 +70,28 @@ class FolderImages:
     """Images in class folders, read with PIL (converted to RGB), augmented per sample with torchvision.
 
     Training augmentation follows tllib's default: resize to ``size·256/224`` square, random resized crop to
-    ``size``, random horizontal flip, ImageNet normalization; evaluation resizes and center-crops. Each sample's
+    ``size``, random horizontal flip, the network's normalization (``mean``/``std``, ImageNet's by default);
+    evaluation resizes and center-crops. Each sample's
     augmentation is seeded from the epoch plan, so it does not depend on the number of workers or processes.
     """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], classes: Sequence[str], *, image_size: int = 224, workers: int = 2
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        *,
+        image_size: int = 224,
+        workers: int = 2,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
     ):
         from torchvision import transforms as T
 
         self.samples, self.classes, self.image_size, self.workers = list(samples), list(classes), image_size, workers
+        self.mean, self.std = tuple(mean), tuple(std)
         self.labels = torch.tensor([c for _, c in self.samples], dtype=torch.long)
         resize = round(image_size * 256 / 224)
-        norm = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+        norm = T.Normalize(mean=list(self.mean), std=list(self.std))
         self.train_transform = T.Compose(
             [T.Resize((resize, resize)), T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
         )
@@ -95,7 +104,12 @@ class FolderImages:
 
     def subset(self, indices: Tensor) -> FolderImages:
         return FolderImages(
-            [self.samples[i] for i in indices.tolist()], self.classes, image_size=self.image_size, workers=self.workers
+            [self.samples[i] for i in indices.tolist()],
+            self.classes,
+            image_size=self.image_size,
+            workers=self.workers,
+            mean=self.mean,
+            std=self.std,
         )
 
     def _loader(self, transform, views: int, batches: list[list[tuple[int, int | None]]]):
@@ -161,7 +175,15 @@ def scan_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]], list
 
 
 def load_folder(
-    root: Path, *, sample_rate: float = 100, data_seed: int = 0, image_size: int = 224, workers: int = 2, log=print
+    root: Path,
+    *,
+    sample_rate: float = 100,
+    data_seed: int = 0,
+    image_size: int = 224,
+    workers: int = 2,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    log=print,
 ) -> TrainData:
     """The splits of an ImageFolder root (see the module docstring); the training set keeps ``sample_rate``
     percent of each class."""
@@ -207,7 +229,9 @@ def load_folder(
             f"class folder(s) {empty} of {root / 'train'} hold no readable images; every class "
             "needs at least one training image"
         )
-    sets = {s: FolderImages(scanned[s][1], tc, image_size=image_size, workers=workers) for s in splits}
+    sets = {
+        s: FolderImages(scanned[s][1], tc, image_size=image_size, workers=workers, mean=mean, std=std) for s in splits
+    }
     full = sets["train"]
     train = full.subset(stratified_subset(full.labels, sample_rate, data_seed)) if sample_rate < 100 else full
     return TrainData(str(root), train, sets["val"], tc, len(bad), valid=sets.get("valid"))

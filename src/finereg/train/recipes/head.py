@@ -57,7 +57,7 @@ class LwFRecipe(Recipe):
         if self.targets is None:
             self.targets = _source_outputs(ctx)[0]
         self.targets = self.targets.to(ctx.device)
-        self.kd = KnowledgeDistillation(T=self.hp["temperature"])
+        self.kd = KnowledgeDistillation(temperature=self.hp["temperature"])
 
     def terms(self, batch, out, ctx):
         return {"kd": self.hp["trade_off"] * self.kd(out.source_logits, self.targets[batch.index.to(ctx.device)])}
@@ -132,7 +132,9 @@ class BiTuningRecipe(Recipe):
             net.backbone, len(ctx.data.classes), hp["projection_dim"], features_dim=net.head.in_features
         )
         net.head = encoder_q.head  # one head: the network evaluated is the query encoder
-        return BiTuning(encoder_q, num_classes=len(ctx.data.classes), K=hp["K"], m=hp["m"], T=hp["temperature"])
+        return BiTuning(
+            encoder_q, num_classes=len(ctx.data.classes), K=hp["K"], m=hp["m"], temperature=hp["temperature"]
+        )
 
     def forward(self, model: nn.Module, batch: Batch) -> Outputs:
         y_q, logits_z, logits_y, labels_c = model(batch.x, batch.views[0], batch.y)
