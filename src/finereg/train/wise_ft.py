@@ -37,13 +37,12 @@ from torch import Tensor
 from .._checks import FineregError, check_number
 from ..merge import DEFAULT_ALPHAS, wise_ft
 from ..merge._state import has_batchnorm, load_merged
+from .build import build_task
 from .checkpoint import find_checkpoint, load_checkpoint
 from .data import derive_seed
-from .datasets import load_data
 from .dist import _pick_device
 from .loop import FitConfig, _torch_state, evaluate
 from .metrics import write_text_atomic
-from .models import build_model
 from .probe import probe_head
 from .run_dir import DirLock, RunDir
 
@@ -115,35 +114,29 @@ def wise_ft_run(
         dev = _pick_device(device, 0)
         known = {f.name for f in fields(FitConfig)}
         run_cfg = FitConfig(**{k: v for k, v in cfg.items() if k in known})
+        batch = batch_size or max(run_cfg.batch_size, 256)  # the epochs' evaluation batch (loop._train)
         with _torch_state(run_cfg, dev):  # the run's thread count and deterministic algorithms
-            result = _sweep(run_dir, ckpt, alphas, dev, batch_size or cfg["batch_size"], log)
+            result = _sweep(run_dir, run_cfg, ckpt, alphas, dev, batch, log)
         _write(result, ckpt)
     return result
 
 
-def _sweep(run_dir: Path, ckpt: dict, alphas: list[float], device, batch_size: int, log) -> WiseFTResult:
-    cfg = ckpt["config"]
-    data = load_data(
-        cfg["data"],
-        sample_rate=cfg["sample_rate"],
-        data_seed=cfg["data_seed"],
-        image_size=cfg["image_size"],
-        workers=cfg["workers"],
-        log=log,
-    )
+def _sweep(
+    run_dir: Path, cfg: FitConfig, ckpt: dict, alphas: list[float], device, batch_size: int, log
+) -> WiseFTResult:
+    with torch.random.fork_rng(devices=[]):  # the run's data and pretrained network, as fit built them
+        torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))
+        data, bundle = build_task(cfg, log)
     if list(data.classes) != list(ckpt["classes"]):
         raise FineregError(
-            f"the data {cfg['data']!r} now has classes {data.classes[:5]}..., the run was trained on "
+            f"the data {cfg.data!r} now has classes {data.classes[:5]}..., the run was trained on "
             f"{ckpt['classes'][:5]}...: the run's data changed since"
         )
     n = len(data.classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg["seed"], 0xC0FFEE))
-        bundle = build_model(
-            cfg["arch"], n, weights=cfg["weights"], in_channels=data.in_channels, cache_dir=cfg["cache_dir"], log=log
-        )
     model = bundle.net.to(device).eval()
-    probe = probe_head(model, data, batch_size, device, seed=cfg["seed"], log=log)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    probe = probe_head(model, data, batch_size, device, seed=cfg.seed, log=log)
     probe.load_into(model.head)
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     theta1 = {k: v.to(device) for k, v in ckpt["net"].items()}
@@ -156,15 +149,12 @@ def _sweep(run_dir: Path, ckpt: dict, alphas: list[float], device, batch_size: i
             row.update(evaluate(model, images, batch_size, device, n, prefix=prefix))
         rows.append(row)
         log(f"wise-ft: alpha {a:g}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.endswith("top1")))
-    if data.valid is None:
-        chosen, reason = (
-            None,
-            (
-                f"{cfg['data']!r} has no validation split, and α is never chosen on the test split: every α is "
-                "reported, none chosen (add ROOT/valid/<class>/<image> to choose one)"
-            ),
-        )
-    else:
+    chosen = None
+    reason = (
+        f"{cfg.data!r} has no validation split, and α is never chosen on the test split: every α is reported, none "
+        "chosen (add ROOT/valid/<class>/<image> to choose one)"
+    )
+    if data.valid is not None:
         best = max(rows, key=lambda r: r[SELECT])  # the first (smallest α) of equal scores
         chosen, reason = best["alpha"], f"chosen on the validation split (the largest {SELECT}; ties: the smaller α)"
     made = {

@@ -67,7 +67,7 @@ class SPDRecipe(Recipe):
     title = "SPD: Rethinking Weight Decay for Robust Fine-Tuning of Foundation Models (Tian, Huang, Kira, NeurIPS 2024)"
     params = {"weight_decay": HP(1.0, low=0), "anchor_head": HP(False, bool)}
     weight_decay = 0.0
-    defaults_from = "the official code; λ: the engine's (no official default)"
+    defaults_from = "the official code; λ is the engine's, the official code has none"
     claims = frozenset({"optimizer", "projection"})
 
     def wrap_optimizer(self, optimizer, ctx):
