@@ -89,3 +89,29 @@ def test_debug_shows_the_traceback_and_unexpected_errors_keep_theirs(tmp_path, c
     with pytest.raises(ZeroDivisionError):  # not swallowed into one line
         main(["fit", "--out", str(tmp_path / "b"), *TINY])
     assert not (tmp_path / "b").exists()
+
+
+# --- finereg wise-ft (issue 11) ---------------------------------------------------------------------------
+def test_wise_ft_refuses_a_busy_or_unfinished_run_and_bad_alphas(tmp_path, tiny, capsys):
+    from finereg.train.loop import fit
+    from finereg.train.run_dir import DirLock
+
+    QUIET = dict(log=lambda m: None)
+    res = fit(tiny(tmp_path / "a", method="erm", epochs=1), **QUIET)
+    with DirLock(res.run_dir):
+        assert main(["wise-ft", str(res.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finereg wise-ft: error: run directory") and "in use by another finereg process" in err
+    assert not (res.run_dir / "wise_ft.csv").exists()
+
+    def stop(info):
+        raise KeyboardInterrupt
+
+    part = fit(tiny(tmp_path / "b", method="erm"), on_step=stop, **QUIET)
+    assert main(["wise-ft", str(part.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "is not finished (epoch 0 of 2, step 1): finish it with finereg fit --resume" in err
+    assert main(["wise-ft", str(res.run_dir), "--alphas", "0,2"]) == 2
+    assert "each of --alphas must be a finite number >= 0 and <= 1, got 2.0" in capsys.readouterr().err
+    assert main(["wise-ft", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

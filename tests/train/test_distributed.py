@@ -35,11 +35,15 @@ def _assert_close(a: dict, b: dict, **tol) -> None:
         torch.testing.assert_close(a[k], b[k], msg=lambda m, k=k: f"{k}: {m}", **tol)
 
 
-@pytest.mark.parametrize("method", ["erm", "l2sp+delta-attention+bss", "lwf+co-tuning", "bi-tuning"])
+@pytest.mark.parametrize(
+    "method", ["erm", "l2sp+delta-attention+bss", "lwf+co-tuning", "bi-tuning", "ftp+bss", "lp-ft+tpgm"]
+)
 def test_two_processes_equal_one_process(tmp_path, method):
     """Per-sample losses average over processes; DELTA's batch sum is scaled by the process count, BSS gathers the
     features of all processes, the set-up products (attention, LwF targets, relationship) come from rank 0 and
-    Bi-Tuning's queues take the keys of all processes in rank order: every method takes the single-process steps."""
+    Bi-Tuning's queues take the keys of all processes in rank order, the optimizer wrappers see the averaged
+    gradients, LP-FT's probe comes from rank 0 and every rank learns TPGM's radii on the same validation batches:
+    every method takes the single-process steps."""
     single, nets, ck = _run_both(tmp_path, method=method)
     _assert_close(nets[0], nets[1], rtol=0, atol=0)  # the ranks hold the same weights
     _assert_close(single.net.state_dict(), nets[0], rtol=1e-5, atol=1e-6)

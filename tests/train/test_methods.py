@@ -12,7 +12,10 @@ QUIET = dict(log=lambda m: None)
 
 
 def test_registry_and_parsing():
-    assert method_names() == ["erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning", "bi-tuning"]
+    assert method_names() == [
+        *("erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning", "bi-tuning"),
+        *("spd", "ftp", "l2sp-decoupled", "tpgm", "lp-ft"),  # recipes/robust.py, registered after the others
+    ]
     assert parse_method("L2SP+bss") == ["l2sp", "bss"]
     assert parse_method("delta:attention") == ["delta-attention"]
     assert parse_method("erm+co_tuning") == ["co-tuning"]

@@ -4,7 +4,9 @@ The order matters and is fixed here: recipes (so bad method settings fail before
 (probed on two images) → recipes prepare it → frozen source copy (before any hook is registered, so it carries
 none) → a recipe's wrapper (before the others' hooks, so the wrapper's copies carry none) → recipe set-up
 (hooks, set-up passes; restored from the checkpoint on resume) → the run directory begins (only now is a
-previous run's output replaced) → optimizer and schedule (restored on resume) → DDP / ``torch.compile``.
+previous run's output replaced) → optimizer, then each recipe's :meth:`~finereg.train.methods.Recipe.wrap_optimizer`
+(so a wrapper's state is in the optimizer's ``state_dict``), then the schedule (both restored on resume) → DDP /
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
         source = copy.deepcopy(net).eval().requires_grad_(False)
         source.source_head_in_use = False
     autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    steps = cfg.iters_per_epoch or len(data.train) // cfg.batch_size
     ctx = Context(
         net=net,
         data=data,
@@ -189,6 +192,7 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
         log=log,
         source=source,
         autocast=autocast,
+        total_steps=cfg.epochs * steps,
     )
     if ckpt is not None:
         for r in recipes:
@@ -211,6 +215,8 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
         weight_decay=cfg.weight_decay,
         nesterov=cfg.momentum > 0,
     )
+    for r in recipes:  # SPD / FTP / decoupled L2-SP wrap it, LP-FT lowers its lr, TPGM projects after its steps
+        optimizer = r.wrap_optimizer(optimizer, ctx)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_steps, gamma=cfg.lr_gamma)
     start = {"start_epoch": 0, "start_step": 0, "meter_state": None, "rng": None}
     history: list[dict] = []
@@ -237,7 +243,6 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
         train_model = torch.compile(train_model)
     forward = (lambda b: wrapper.forward(train_model, b)) if wrapper is not None else (lambda b: train_model(b.x))
 
-    steps = cfg.iters_per_epoch or len(data.train) // cfg.batch_size
     if info.is_main:
         write_text_atomic(rd.path / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         log(

@@ -1,4 +1,4 @@
-"""The ``finereg`` command: ``fit``, ``bench``, ``demo`` and ``methods``.
+"""The ``finereg`` command: ``fit``, ``bench``, ``demo``, ``methods`` and ``wise-ft``.
 
 finereg demo                                   # L2-SP + DELTA + BSS on the built-in digits task (< 1 min)
 finereg fit --method l2sp+bss --sample-rate 15 # the built-in task, any method or combination
@@ -7,6 +7,7 @@ finereg fit --resume runs/cub-delta            # continue an interrupted run exa
 torchrun --nproc_per_node=2 -m finereg fit ... # DistributedDataParallel
 finereg bench                                  # methods x sampling rates x seeds -> table, CSV, plot
 finereg methods                                # the methods, their papers and default hyper-parameters
+finereg wise-ft runs/cub-delta                 # WiSE-FT sweep of a finished run -> RUN/wise_ft.csv, .json
 """
 
 from __future__ import annotations
@@ -232,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
 
     sub.add_parser("methods", help="list the methods, their papers and default hyper-parameters")
+
+    wise = sub.add_parser(
+        "wise-ft",
+        help="WiSE-FT on a finished run: interpolate pretrained and fine-tuned weights, choose alpha on validation",
+        description="Weight-space ensembles (1-a)*pretrained + a*fine-tuned of a finished run, evaluated on its "
+        "valid, test and shift splits; alpha chosen on the validation split. Writes RUN/wise_ft.csv and .json.",
+    )
+    wise.add_argument("run", metavar="RUN", help="a finished run directory (or a checkpoint in one)")
+    wise.add_argument(
+        "--alphas",
+        type=_listed(float, "numbers in [0, 1]"),
+        default=None,
+        help="comma-separated alphas (default: 0,0.1,...,1)",
+    )
+    wise.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto)")
+    wise.add_argument("--batch-size", "-b", type=int, default=None, help="evaluation batch (default: the run's)")
     return p
 
 
@@ -305,7 +322,7 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
         cls = registered(name)
         hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults().items()) or "-"
         print(
-            f"{name:16s} {cls.title}\n{'':16s} defaults (tllib): {hp}; weight decay {cls.weight_decay:g}"
+            f"{name:16s} {cls.title}\n{'':16s} defaults ({cls.defaults_from}): {hp}; weight decay {cls.weight_decay:g}"
             + (f"; head L2 {cls.head_l2:g}" if cls.head_l2 else "")
         )
         if cls.digits_defaults:
@@ -321,6 +338,24 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_wise_ft(ns: argparse.Namespace) -> int:
+    from .._checks import check_int
+    from ..merge import DEFAULT_ALPHAS
+    from .wise_ft import CSV_NAME, JSON_NAME, wise_ft_run
+
+    batch = check_int(ns.batch_size, "--batch-size", low=1) if ns.batch_size is not None else None
+    alphas = ns.alphas if ns.alphas is not None else DEFAULT_ALPHAS
+    res = wise_ft_run(ns.run, alphas, device=ns.device, batch_size=batch)
+    chosen = res.chosen
+    if chosen is None:
+        print(f"wise-ft: no alpha chosen: {res.reason}")
+    else:
+        shown = " ".join(f"{k}={v:.2f}" for k, v in chosen.items() if k.endswith("top1"))
+        print(f"wise-ft: alpha {res.chosen_alpha:g} {res.reason}: {shown}")
+    print(f"wise-ft: every alpha in {res.run_dir / CSV_NAME} and {res.run_dir / JSON_NAME}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; an expected error (:class:`~finereg.FineregError`, or the operating system's: a full or
     read-only disk) is one line on stderr and exit code 2; anything else keeps its traceback. ``--debug`` (or
@@ -331,7 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     debug = ns.debug or os.environ.get("FINEREG_DEBUG", "") not in ("", "0")
-    handler = {"fit": _cmd_fit, "bench": _cmd_bench, "demo": _cmd_demo, "methods": _cmd_methods}[ns.command]
+    handler = {
+        "fit": _cmd_fit,
+        "bench": _cmd_bench,
+        "demo": _cmd_demo,
+        "methods": _cmd_methods,
+        "wise-ft": _cmd_wise_ft,
+    }[ns.command]
     returned = False
     try:
         code = handler(ns)

@@ -7,6 +7,7 @@ then joins a process group (NCCL on GPU, gloo on CPU). A process group that alre
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -111,8 +112,25 @@ def shutdown(clean: bool = True) -> None:
     try:
         if clean:
             dist.barrier()
+            _leave_together()
     finally:
         dist.destroy_process_group()
+
+
+_leavings = itertools.count()
+
+
+def _leave_together() -> None:
+    """Return once every rank has left the last collective, meeting through the group's store, not its links.
+
+    A barrier alone is not enough: a rank can return from it while a peer's last receive is still in flight, and
+    destroying the group then closes the link under that receive, which aborts the peer (gloo issue 155; seen
+    here as a SIGABRT of one rank under load).
+    """
+    store = dist.distributed_c10d._get_default_store()
+    n = next(_leavings)
+    store.set(f"finereg/leave{n}/{dist.get_rank()}", "1")
+    store.wait([f"finereg/leave{n}/{r}" for r in range(dist.get_world_size())])
 
 
 def barrier() -> None:

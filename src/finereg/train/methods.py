@@ -2,13 +2,20 @@
 
 A recipe contributes named loss terms to each step (already multiplied by its trade-off) and may prepare the
 network (use its source head), set up before training (channel attention, LwF's recorded targets, Co-Tuning's
-relationship), replace the network by a wrapper with its own forward (Bi-Tuning), and keep set-up products in the
-checkpoint. Recipes never hold a regularizer's math: they call the library's modules. The recipes themselves live
-in :mod:`finereg.train.recipes`; adding a method is one recipe class there, which the CLI help, ``finereg
-methods``, the docs table and the bench read from :data:`REGISTRY`.
+relationship), replace the network by a wrapper with its own forward (Bi-Tuning), replace or adjust the optimizer
+(SPD, FTP and decoupled L2-SP wrap it; LP-FT lowers its learning rates; TPGM projects after each step), and keep
+set-up products in the checkpoint. Recipes never hold a regularizer's math: they call the library's modules. The
+recipes themselves live in :mod:`finereg.train.recipes`; adding a method is one recipe class there, which the CLI
+help, ``finereg methods``, the docs table and the bench read from :data:`REGISTRY`.
 
-Methods combine with ``+`` (``l2sp+bss``); hyper-parameters default to tllib's example scripts and are changed
-with ``--set method.key=value``, each value checked against its :class:`HP` spec (type and range).
+Methods combine with ``+`` (``l2sp+bss``); hyper-parameters default to tllib's example scripts (or the official
+code of the paper, for methods tllib lacks) and are changed with ``--set method.key=value``, each value checked
+against its :class:`HP` spec (type and range).
+
+Combinations are checked generally (:func:`check_combination`): a recipe declares the parts of training it takes
+over (``claims``, from :data:`CLAIMS`; overriding :meth:`Recipe.wrap` claims ``"forward"``) and the methods it
+cannot run with (``conflicts``, with the reason); two recipes claiming one part, or a declared conflict, are a
+:class:`FineregError` naming both.
 """
 
 from __future__ import annotations
@@ -40,8 +47,17 @@ __all__ = [
     "parse_method",
     "parse_overrides",
     "build_recipes",
+    "check_combination",
     "default_weight_decay",
+    "CLAIMS",
 ]
+
+# The parts of training a recipe may take over; no two recipes of a combination may claim the same one.
+CLAIMS = {
+    "forward": "replace the network's forward",
+    "optimizer": "wrap the optimizer (two wrappers would nest in an order no paper defines)",
+    "projection": "project the weights back towards the pretrained ones after each step (one would undo the other)",
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,7 @@ class Context:
     log: Callable[[str], None] = print
     source: TransferNet | None = None  # frozen copy of the pretrained network, eval mode (recipes with needs_source)
     autocast: Callable[[], Any] | None = None  # context manager factory for forwards (bf16)
+    total_steps: int = 0  # optimizer steps of the whole run (epochs x steps per epoch)
 
 
 class Recipe:
@@ -100,9 +117,13 @@ class Recipe:
     digits_defaults: ClassVar[dict[str, Any]] = {}  # where the built-in digits task departs from tllib (documented)
     weight_decay: ClassVar[float] = 5e-4  # the SGD weight decay of tllib's script for this method
     head_l2: ClassVar[float] = 0.0  # tllib's L2 on the new head (DELTA's script) that comes with the method
+    decays_head: ClassVar[bool] = False  # decays the new head itself: then no head-l2 is added (unless --set)
     views: ClassVar[int] = 1  # augmented views of each sample per step
     needs_source: ClassVar[bool] = False  # reads ctx.source, a frozen copy of the pretrained network
     needs_features: ClassVar[bool] = False  # reads the pooled features of the network's forward
+    defaults_from: ClassVar[str] = "tllib"  # where the defaults come from (``finereg methods`` says it)
+    claims: ClassVar[frozenset[str]] = frozenset()  # parts of training taken over (keys of CLAIMS)
+    conflicts: ClassVar[dict[str, str]] = {}  # method name -> why this recipe cannot run with it
 
     def __init__(self, **hparams: Any):
         unknown = sorted(set(hparams) - set(self.params))
@@ -143,6 +164,15 @@ class Recipe:
         """The training forward of the module :meth:`wrap` returned."""
         return model(batch.x)
 
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, ctx: Context) -> torch.optim.Optimizer:
+        """The optimizer to train with in place of ``optimizer``: a wrapper around it (declare ``"optimizer"`` in
+        ``claims``), or ``optimizer`` itself, adjusted (learning rates, a step hook). Called once, right after the
+        engine's SGD is made (its param groups ``"backbone"``: the pretrained parts, ``"head"``: the new ones)
+        and before the scheduler is made and a checkpoint's optimizer state is loaded: whatever state the returned
+        optimizer keeps in its ``state_dict()`` is checkpointed and restored. The parameters still hold their
+        pretrained values here (and a recipe's set-up products, e.g. LP-FT's head)."""
+        return optimizer
+
     def terms(self, batch: Batch, out: Outputs, ctx: Context) -> dict[str, Tensor]:
         """This method's loss terms for the step, each multiplied by its trade-off."""
         return {}
@@ -174,8 +204,15 @@ def register(cls: type[Recipe]) -> type[Recipe]:
     """Class decorator adding a recipe to :data:`REGISTRY` under ``cls.name`` (a name taken twice is an error)."""
     if not cls.name or cls.name in REGISTRY or cls.name in _ALIASES:
         raise ValueError(f"recipe {cls.__name__}: the method name {cls.name!r} is empty or taken")
+    unknown = sorted(set(cls.claims) - set(CLAIMS))
+    if unknown:
+        raise ValueError(f"recipe {cls.__name__}: unknown claims {unknown} (known: {', '.join(CLAIMS)})")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def _claims(r: Recipe) -> frozenset[str]:
+    return r.claims | ({"forward"} if type(r).wrap is not Recipe.wrap else set())
 
 
 def _registry() -> dict[str, type[Recipe]]:
@@ -270,23 +307,40 @@ def build_recipes(
     recipes = [
         registry[n](**{**(registry[n].digits_defaults if digits else {}), **overrides.get(n, {})}) for n in names
     ]
-    wrappers = [r.name for r in recipes if type(r).wrap is not Recipe.wrap]
-    if len(wrappers) > 1:
-        raise FineregError(f"{' and '.join(wrappers)} each replace the network's forward; they cannot be combined")
-    if wrappers:
-        # methods that read what the wrapper's forward does not give: pooled features, source-head logits
-        clash = [r.name for r in recipes if r.needs_features or type(r).prepare is not Recipe.prepare]
-        if clash:
-            raise FineregError(
-                f"{wrappers[0]} replaces the network's forward, which then gives neither pooled features nor "
-                f"source-head outputs; it cannot be combined with {', '.join(clash)}"
-            )
-    head_l2 = max((r.head_l2 for r in recipes), default=0.0)
+    check_combination(recipes)
+    head_l2 = 0.0 if any(r.decays_head for r in recipes) else max((r.head_l2 for r in recipes), default=0.0)
     if head_l2 or "head-l2" in overrides:
         from .recipes.weight import HeadL2
 
         recipes.append(HeadL2(**{"trade_off": head_l2, **overrides.get("head-l2", {})}))
     return recipes
+
+
+def check_combination(recipes: Sequence[Recipe]) -> None:
+    """Raise :class:`FineregError` when the recipes cannot run together: two claim one part of training
+    (:data:`CLAIMS`), one declares a conflict with another, or one replaces the network's forward while another
+    reads what that forward no longer gives (pooled features, source-head logits)."""
+    claimed: dict[str, str] = {}
+    for r in recipes:
+        for c in sorted(_claims(r)):
+            if c in claimed:
+                raise FineregError(
+                    f"{claimed[c]} and {r.name} both {CLAIMS[c]}; they cannot be combined: keep one of them"
+                )
+            claimed[c] = r.name
+    names = [r.name for r in recipes]
+    for r in recipes:
+        for other, why in r.conflicts.items():
+            if other in names:
+                raise FineregError(f"{r.name} cannot be combined with {other}: {why}")
+    if "forward" in claimed:
+        # methods that read what the wrapper's forward does not give: pooled features, source-head logits
+        clash = [r.name for r in recipes if r.needs_features or type(r).prepare is not Recipe.prepare]
+        if clash:
+            raise FineregError(
+                f"{claimed['forward']} replaces the network's forward, which then gives neither pooled features nor "
+                f"source-head outputs; it cannot be combined with {', '.join(clash)}"
+            )
 
 
 def default_weight_decay(recipes: list[Recipe]) -> float:
