@@ -120,7 +120,9 @@ def _library_steps(method, plain=False):
         vx, vy = pretrained_features(net, data.valid, 16, CPU)
         fit_linear_probe(x, y, vx, vy, num_classes=5, seed=0).load_into(net.head)
         lr *= 0.1
-    opt = torch.optim.SGD(param_groups(net, lr, pretrained_lr_mult=0.1), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
+    opt = torch.optim.SGD(
+        param_groups(net, lr, pretrained_lr_mult=0.1), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True
+    )
     after = lambda: None  # noqa: E731
     if not plain:
         if method == "spd":
