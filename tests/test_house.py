@@ -26,19 +26,29 @@ def _resolve(module: str, is_package: bool, level: int, name: str | None) -> str
     return ".".join(base + ([name] if name else []))
 
 
+def _nodes(body: list[ast.stmt]):
+    """Every statement under ``body``, inside functions and classes too, but not in ``if TYPE_CHECKING:`` blocks
+    (they never run)."""
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            yield from _nodes([n for n in getattr(node, field, []) if isinstance(n, (ast.stmt, ast.excepthandler))])
+
+
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
-    """The finereg modules ``module`` imports when it is imported (module level, not inside functions)."""
+    """The finereg modules ``module`` imports, at module level or inside a function: a deferred import is still
+    a dependency (a cycle hidden inside a function is a cycle in the design)."""
     tree = ast.parse(path.read_text())
     is_package = path.name == "__init__.py"
     found = set()
-    for node in tree.body:  # module level only: imports inside functions run later, on a complete package
+    for node in _nodes(tree.body):
         if isinstance(node, ast.ImportFrom) and node.level:
             target = _resolve(module, is_package, node.level, node.module)
             if node.module:  # from .x import y: the module x (and y, if y is a submodule of x)
                 found.add(target)
             found |= {f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known}
-        elif isinstance(node, ast.If):  # e.g. TYPE_CHECKING blocks are not executed: skip them
-            continue
     return {m for m in found if m in known and m != module}
 
 

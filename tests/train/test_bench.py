@@ -236,6 +236,7 @@ def test_duplicates_in_the_grid_are_refused(tmp_path, capsys):
         (["--seeds", "0,0"], "--seeds lists 0 more than once"),
         (["--rates", "15,15"], "--rates lists 15.0 more than once"),
         (["--methods", "l2-sp,l2sp"], "--methods lists l2sp more than once"),
+        (["--methods", "robust,ftp"], "--methods lists ftp more than once"),  # a group and one of its methods
     ):
         assert main(["bench", *args, "--out", str(tmp_path / "b"), *TINY]) == 2
         assert said in capsys.readouterr().err
@@ -250,3 +251,21 @@ def test_a_directory_that_is_not_a_bench_is_refused(tmp_path, capsys):
     assert main(["bench", "--methods", "erm", "--rates", "30", "--seeds", "0", "--out", str(tmp_path), *TINY]) == 2
     assert "holds no finereg bench (results.csv)" in capsys.readouterr().err
     assert (tmp_path / "results.csv").read_text() == "mine"
+
+
+def test_a_diverged_run_is_reported_and_the_bench_goes_on(tmp_path, capsys):
+    """A run whose loss stops being finite is a result of the grid: the other runs finish, the diverged ones are
+    named in the report and left out of the means; ``--set`` of one method changes only that method's runs."""
+    out = tmp_path / "b"
+    args = ["bench", "--methods", "erm,l2sp", "--rates", "30", "--seeds", "0,1", "--out", str(out), "--jobs", "1"]
+    assert main([*args, "--set", "head-l2.trade_off=1e38", *TINY]) == 0  # the head's L2 overflows at once
+    with open(out / "results.csv") as f:
+        rows = {(r["method"], r["seed"]): r for r in csv.DictReader(f)}
+    assert rows[("erm", "0")]["diverged"] == "" and 0 <= float(rows[("erm", "0")]["top1"]) <= 100
+    assert "loss is inf" in rows[("l2sp", "1")]["diverged"] and math.isnan(float(rows[("l2sp", "1")]["top1"]))
+    md = (out / "summary.md").read_text()
+    assert "**2 runs diverged**" in md and "l2sp 30% seed 0, l2sp 30% seed 1" in md
+    assert "| l2sp | 2 diverged | – |" in md
+    assert "| l2sp | 2 diverged | – |" in capsys.readouterr().out
+    assert main([*args, "--set", "bss.k=2", *TINY]) == 2  # a --set for no method of the bench is refused
+    assert "--set bss.k=2: no method of the run is 'bss' (methods: erm, l2sp)" in capsys.readouterr().err

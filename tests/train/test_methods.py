@@ -1,12 +1,24 @@
 """Method recipes: the registry, overrides, combinations, one tiny run of every method, and that each recipe's
 loss term is the library regularizer's value (the engine holds no regularizer math of its own)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from finereg._checks import FineregError
 from finereg.train.loop import fit
-from finereg.train.methods import build_recipes, method_names, parse_method, parse_overrides, registered
+from finereg.train.methods import (
+    build_recipes,
+    method_groups,
+    method_names,
+    parse_method,
+    parse_methods,
+    parse_overrides,
+    registered,
+)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 
 QUIET = dict(log=lambda m: None)
 
@@ -30,6 +42,27 @@ def test_registry_and_parsing():
     }
 
 
+def test_groups_of_the_bench():
+    tllib = ["erm", "l2", "l2sp", "delta", "delta-attention", "bss", "lwf", "co-tuning", "bi-tuning"]
+    robust = ["spd", "ftp", "l2sp-decoupled", "tpgm", "lp-ft"]
+    assert method_names("tllib") == tllib and method_names("robust") == robust
+    assert set(method_groups()) == {"tllib", "robust"}
+    assert parse_methods(["robust"]) == robust and parse_methods(["all"]) == tllib + robust
+    assert parse_methods(["erm", "L2-SP+bss", "robust"]) == ["erm", "l2sp+bss", *robust]
+    assert parse_methods(["tllib", "l2sp"]).count("l2sp") == 2  # the bench refuses the repeat (test_bench)
+    with pytest.raises(KeyError, match="no method group named 'robst'"):
+        method_names("robst")
+    with pytest.raises(KeyError, match="no method named 'robst'"):
+        parse_methods(["robst"])
+
+
+def test_docs_table_lists_every_method():
+    """docs/methods.md has one table row per registered method, with its defaults' source named."""
+    rows = [line for line in DOCS.read_text().splitlines() if line.startswith("| `")]
+    named = {line.split("`")[1] for line in rows}
+    assert set(method_names()) <= named, sorted(set(method_names()) - named)
+
+
 def test_defaults_are_tllibs_and_overrides_apply():
     r = {x.name: x for x in build_recipes("l2sp+delta+bss+lwf+co-tuning")}
     assert r["l2sp"].hp == {"trade_off": 0.01} and r["delta"].hp["trade_off"] == 0.01
@@ -39,7 +72,7 @@ def test_defaults_are_tllibs_and_overrides_apply():
     assert r["head-l2"].hp == {"trade_off": 0.01}  # tllib's DELTA script: head L2 0.01, added once
     bi = {"trade_off": 1.0, "K": 40, "m": 0.999, "temperature": 0.07, "projection_dim": 128, "projector": "pretrained"}
     assert registered("bi-tuning")().hp == bi
-    digits = {x.name: x for x in build_recipes("delta", digits=True)}
+    digits = {x.name: x for x in build_recipes("delta", data="digits")}
     assert digits["delta"].hp["trade_off"] == 0.001
     over = {x.name: x for x in build_recipes("bss+delta", parse_overrides(["bss.k=2", "head-l2.trade_off=0"]))}
     assert over["bss"].hp["k"] == 2 and over["head-l2"].hp["trade_off"] == 0

@@ -26,8 +26,8 @@ from .build import build_task
 from .checkpoint import LAST
 from .config import resolve
 from .data import SAMPLE_RATES
-from .loop import FitConfig, fit
-from .methods import method_names, parse_method
+from .loop import FitConfig, LossNotFinite, fit
+from .methods import method_names, parse_methods, settings_for
 from .metrics import write_text_atomic
 from .report import accuracy_table, plot, report_markdown, summarize
 from .run_dir import bench_dir
@@ -39,7 +39,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 
 
 def _default_methods() -> list[str]:
-    return method_names()
+    return method_names("tllib")
 
 
 @dataclass
@@ -82,8 +82,15 @@ def _one(cfg: FitConfig) -> dict | None:
     if (run_dir / LAST).exists():
         cfg = dataclasses.replace(cfg, resume=str(run_dir))
     t0 = time.perf_counter()
-    res = fit(cfg, log=lambda msg: None, on_step=check_stop)
-    f = res.final
+    try:
+        res = fit(cfg, log=lambda msg: None, on_step=check_stop)
+    except LossNotFinite as e:  # a result of the grid, not an error of the bench: reported, left out of the means
+        return {**_row(cfg, {}, 0, t0, False), "diverged": str(e)}
+    return _row(cfg, res.final, res.epochs_done, t0, res.interrupted)
+
+
+def _row(cfg: FitConfig, f: dict, epochs: int, t0: float, interrupted: bool) -> dict:
+    run_dir = Path(cfg.out)
     return {
         "method": cfg.method,
         "sample_rate": cfg.sample_rate,
@@ -92,9 +99,10 @@ def _one(cfg: FitConfig) -> dict | None:
         "shift_top1": f.get("shift_top1", math.nan),
         "valid_top1": f.get("valid_top1", math.nan),
         "mean_class_acc": f.get("test_mean_class_acc", math.nan),
-        "epochs": res.epochs_done,
+        "epochs": epochs,
         "seconds": round(time.perf_counter() - t0, 2),
-        "interrupted": res.interrupted,
+        "interrupted": interrupted,
+        "diverged": "",
         "run_dir": str(run_dir),
     }
 
@@ -110,7 +118,9 @@ def _csv(rows: list[dict]) -> str:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the grid, write results.csv / summary.csv / summary.md / accuracy_vs_rate.png, print the table."""
-    methods = ["+".join(parse_method(m)) for m in cfg.methods]  # validate (and normalize) before any work
+    methods = parse_methods(cfg.methods)  # validate (and normalize, groups expanded) before any work
+    if methods:
+        settings_for(methods[0], cfg.base.set, methods)  # each --set names a method of the bench
     if not methods or not cfg.rates or not cfg.seeds:
         raise FineregError("bench needs at least one method, one sampling rate and one seed")
     rates = [check_number(r, "each sampling rate (a percentage)", low=0, high=100, low_open=True) for r in cfg.rates]
@@ -140,7 +150,12 @@ def _bench(
     build_task(resolve(base, 0.0), log)  # what every run shares, made once before the workers start (caches)
     grid = [
         dataclasses.replace(
-            base, method=m, sample_rate=float(r), seed=int(s), out=str(out / "runs" / _run_name(m, r, s))
+            base,
+            method=m,
+            set=settings_for(m, base.set, methods),  # --set l2sp.trade_off=... changes the l2sp runs only
+            sample_rate=float(r),
+            seed=int(s),
+            out=str(out / "runs" / _run_name(m, r, s)),
         )
         for m in methods
         for r in rates
@@ -171,8 +186,9 @@ def _bench(
         f"finereg bench on {base.data} ({_describe(base)}): {len(rows)} runs, seeds {', '.join(map(str, seeds))}, "
         f"{seconds / 60:.1f} min."
     )
-    report = report_markdown(summary, methods, rates, note)
-    table = accuracy_table(summary, methods, rates)
+    diverged = [r for r in rows if r["diverged"]]
+    report = report_markdown(summary, methods, rates, note, diverged)
+    table = accuracy_table(summary, methods, rates, diverged=diverged)
     write_text_atomic(out / "results.csv", _csv(rows))
     write_text_atomic(out / "summary.csv", _csv(summary))
     write_text_atomic(out / "summary.md", report)
@@ -209,4 +225,5 @@ def _bar(total: int, enabled: bool):
 def _tick(bar, row: dict) -> None:
     if bar is not None:
         bar.update(1)
-        bar.set_postfix_str(f"{row['method']} {row['sample_rate']:g}% s{row['seed']}: {row['top1']:.1f}%")
+        got = "diverged" if row["diverged"] else f"{row['top1']:.1f}%"
+        bar.set_postfix_str(f"{row['method']} {row['sample_rate']:g}% s{row['seed']}: {got}")

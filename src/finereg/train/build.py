@@ -4,7 +4,7 @@ The order matters and is fixed here: recipes (so bad method settings fail before
 (probed on two images) → recipes prepare it → frozen source copy (before any hook is registered, so it carries
 none) → a recipe's wrapper (before the others' hooks, so the wrapper's copies carry none) → recipe set-up
 (hooks, set-up passes; restored from the checkpoint on resume) → the run directory begins (only now is a
-previous run's output replaced) → optimizer, then each recipe's :meth:`~finereg.train.methods.Recipe.wrap_optimizer`
+previous run's output replaced) → optimizer, then each recipe's :meth:`~finereg.train.recipe.Recipe.wrap_optimizer`
 (so a wrapper's state is in the optimizer's ``state_dict``), then the schedule (both restored on resume) → DDP /
 ``torch.compile``.
 """
@@ -32,10 +32,11 @@ from .checkpoint import save_checkpoint
 from .config import FitConfig, resolve
 from .data import Batch, TrainData, check_batch_size, derive_seed
 from .datasets import load_data
-from .methods import Context, Recipe, build_recipes, default_weight_decay, parse_overrides
+from .methods import build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, write_text_atomic
 from .models import ModelBundle, Outputs, TransferNet, build_model, input_normalization
 from .prefix import freeze_prefix
+from .recipe import Context, Recipe
 from .run_dir import RunDir
 
 __all__ = ["Run", "build", "build_task"]
@@ -157,7 +158,7 @@ def build(cfg: FitConfig, rd: RunDir, info: fdist.DistInfo, log: Callable[[str],
 
 
 def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
-    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), digits=cfg.data == "digits")
+    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), data=cfg.data)
     closers.extend(r.close for r in recipes)
     cfg = resolve(cfg, default_weight_decay(recipes))
     if ckpt is not None and ckpt["epoch"] > cfg.epochs:

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_listed(str, "method names"),
         default=None,
-        help="comma-separated methods (combinations with +); default: all",
+        help="comma-separated methods (combinations with +) or groups: tllib (the default: tllib's methods), "
+        "robust (the robust fine-tuning methods), all",
     )
     bench.add_argument(
         "--rates",
@@ -325,11 +326,8 @@ def _cmd_methods(ns: argparse.Namespace) -> int:
             f"{name:16s} {cls.title}\n{'':16s} defaults ({cls.defaults_from}): {hp}; weight decay {cls.weight_decay:g}"
             + (f"; head L2 {cls.head_l2:g}" if cls.head_l2 else "")
         )
-        if cls.digits_defaults:
-            print(
-                f"{'':16s} on the built-in digits task: "
-                + ", ".join(f"{k}={v!r}" for k, v in cls.digits_defaults.items())
-            )
+        for data, hp in cls.data_defaults.items():
+            print(f"{'':16s} on {data}: " + ", ".join(f"{k}={v!r}" for k, v in hp.items()))
     print(
         "also accepted: "
         + ", ".join(f"{a} (= {n})" for a, n in method_aliases().items())

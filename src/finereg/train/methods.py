@@ -1,249 +1,85 @@
-"""The framework of engine methods: the :class:`Recipe` base, its hyper-parameter specs, the registry and parsing.
+"""The registered engine methods by name: lookups, parsing of ``--method`` and ``--set``, building a run's recipes
+and checking that they can run together. The framework (:class:`~finereg.train.recipe.Recipe`, :class:`HP`) is in
+:mod:`finereg.train.recipe`, the recipes in :mod:`finereg.train.recipes`.
 
-A recipe contributes named loss terms to each step (already multiplied by its trade-off) and may prepare the
-network (use its source head), set up before training (channel attention, LwF's recorded targets, Co-Tuning's
-relationship), replace the network by a wrapper with its own forward (Bi-Tuning), replace or adjust the optimizer
-(SPD, FTP and decoupled L2-SP wrap it; LP-FT lowers its learning rates; TPGM projects after each step), and keep
-set-up products in the checkpoint. Recipes never hold a regularizer's math: they call the library's modules. The
-recipes themselves live in :mod:`finereg.train.recipes`; adding a method is one recipe class there, which the CLI
-help, ``finereg methods``, the docs table and the bench read from :data:`REGISTRY`.
-
-Methods combine with ``+`` (``l2sp+bss``); hyper-parameters default to tllib's example scripts (or the official
-code of the paper, for methods tllib lacks) and are changed with ``--set method.key=value``, each value checked
-against its :class:`HP` spec (type and range).
-
-Combinations are checked generally (:func:`check_combination`): a recipe declares the parts of training it takes
-over (``claims``, from :data:`CLAIMS`; overriding :meth:`Recipe.wrap` claims ``"forward"``) and the methods it
-cannot run with (``conflicts``, with the reason); two recipes claiming one part, or a declared conflict, are a
+Methods combine with ``+`` (``l2sp+bss``); hyper-parameters are changed with ``--set method.key=value``, each
+value checked against its :class:`~finereg.train.recipe.HP` spec (type and range). Combinations are checked
+generally (:func:`check_combination`): two recipes claiming one part of training, or a declared conflict, are a
 :class:`FineregError` naming both.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from .._checks import FineregError, check_bool, check_choice, check_int, check_number
+from .._checks import FineregError
 from .._utils import unknown_name_error
-from .data import Batch, TrainData
-from .dist import DistInfo
-from .models import Outputs, TransferNet
+from . import recipes as _recipes  # noqa: F401  (registers the recipes)
+from .recipe import ALIASES, CLAIMS, GROUPS, REGISTRY, Recipe, claims_of
+from .recipes.weight import HeadL2
 
 __all__ = [
-    "HP",
-    "Recipe",
-    "Context",
-    "REGISTRY",
-    "register",
     "method_names",
+    "method_groups",
     "registered",
     "method_aliases",
     "parse_method",
+    "parse_methods",
     "parse_overrides",
+    "settings_for",
     "build_recipes",
     "check_combination",
     "default_weight_decay",
-    "CLAIMS",
 ]
 
-# The parts of training a recipe may take over; no two recipes of a combination may claim the same one.
-CLAIMS = {
-    "forward": "replace the network's forward",
-    "optimizer": "wrap the optimizer (two wrappers would nest in an order no paper defines)",
-    "projection": "project the weights back towards the pretrained ones after each step (one would undo the other)",
-}
+
+def method_names(group: str | None = None) -> list[str]:
+    """The registered methods, in registration order (those of one bench ``group``, a key of :data:`GROUPS`)."""
+    if group is not None and group not in GROUPS:
+        raise unknown_name_error("method group", group, list(GROUPS), hint=f"(groups: {', '.join(GROUPS)}, all)")
+    return [n for n, cls in REGISTRY.items() if group is None or cls.group == group]
 
 
-@dataclass(frozen=True)
-class HP:
-    """A hyper-parameter: its default, type (``float``, ``int``, ``bool``, ``str``, ``list`` of names) and range
-    (``low``/``high``, ``low_open``; ``choices`` for strings). :meth:`parse` turns a ``--set`` value into a
-    checked value."""
-
-    default: Any
-    kind: type = float
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    choices: tuple[str, ...] | None = None
-
-    def parse(self, name: str, value: Any) -> Any:
-        if self.kind is float:
-            return check_number(value, name, low=self.low, high=self.high, low_open=self.low_open)
-        if self.kind is int:
-            return check_int(value, name, low=self.low, high=self.high)
-        if self.kind is bool:
-            return check_bool(value, name)
-        if self.kind is list:  # module names or globs: "a,b" or a list of strings
-            items = [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
-            if not isinstance(items, Sequence) or not all(isinstance(s, str) for s in items):
-                raise FineregError(f"{name} must be comma-separated names, got {value!r}")
-            return list(items)
-        if not isinstance(value, str):
-            raise FineregError(f"{name} must be a string, got {value!r}")
-        return check_choice(value, name, self.choices) if self.choices else value
+def method_groups() -> dict[str, str]:
+    """The bench's method groups → what they hold (``all`` is every method)."""
+    return dict(GROUPS)
 
 
-@dataclass
-class Context:
-    """What a recipe's set-up and loss terms may read."""
-
-    net: TransferNet  # the network being fine-tuned (unwrapped)
-    data: TrainData
-    dist: DistInfo
-    device: torch.device
-    batch_size: int
-    seed: int
-    run_dir: Path
-    cache_dir: Path
-    log: Callable[[str], None] = print
-    source: TransferNet | None = None  # frozen copy of the pretrained network, eval mode (recipes with needs_source)
-    autocast: Callable[[], Any] | None = None  # context manager factory for forwards (bf16)
-    total_steps: int = 0  # optimizer steps of the whole run (epochs x steps per epoch)
-
-
-class Recipe:
-    """Base of a method recipe. Subclasses set the class attributes and override the hooks they need."""
-
-    name: ClassVar[str] = ""
-    title: ClassVar[str] = ""  # paper
-    params: ClassVar[dict[str, HP]] = {}  # hyper-parameters with tllib's defaults
-    digits_defaults: ClassVar[dict[str, Any]] = {}  # where the built-in digits task departs from tllib (documented)
-    weight_decay: ClassVar[float] = 5e-4  # the SGD weight decay of tllib's script for this method
-    head_l2: ClassVar[float] = 0.0  # tllib's L2 on the new head (DELTA's script) that comes with the method
-    decays_head: ClassVar[bool] = False  # decays the new head itself: then no head-l2 is added (unless --set)
-    views: ClassVar[int] = 1  # augmented views of each sample per step
-    needs_source: ClassVar[bool] = False  # reads ctx.source, a frozen copy of the pretrained network
-    needs_features: ClassVar[bool] = False  # reads the pooled features of the network's forward
-    defaults_from: ClassVar[str] = "tllib"  # where the defaults come from (``finereg methods`` says it)
-    claims: ClassVar[frozenset[str]] = frozenset()  # parts of training taken over (keys of CLAIMS)
-    conflicts: ClassVar[dict[str, str]] = {}  # method name -> why this recipe cannot run with it
-
-    def __init__(self, **hparams: Any):
-        unknown = sorted(set(hparams) - set(self.params))
-        if unknown:
-            raise unknown_name_error(
-                f"hyper-parameter of {self.name!r}",
-                unknown[0],
-                list(self.params),
-                hint=f"(valid: {', '.join(self.params) or 'none'})",
-            )
-        self.hp = {k: spec.parse(f"{self.name}.{k}", hparams.get(k, spec.default)) for k, spec in self.params.items()}
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {k: spec.default for k, spec in cls.params.items()}
-
-    def __repr__(self) -> str:
-        shown = {k: ("default" if v == [] else v) for k, v in self.hp.items()}  # [] = the method's default choice
-        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
-
-    # -- hooks, in the order the engine calls them -----------------------------------------------------
-    def prepare(self, net: TransferNet) -> None:
-        """Before anything is built on the network: e.g. make its forward return the source head's logits."""
-
-    def wrap(self, net: TransferNet, ctx: Context) -> nn.Module | None:
-        """A module to train in place of ``net`` (then :meth:`forward` is the training forward), or ``None``."""
-        return None
-
-    def parts(self, model: nn.Module) -> dict[str, str] | None:
-        """The learning-rate parts (:func:`finereg.lr_policy.param_groups`) of the module :meth:`wrap` returned;
-        ``None``: what the trained module declares (``param_parts()``)."""
-        return None
-
-    def setup(self, ctx: Context) -> None:
-        """Once before training (after ``load_state_dict`` on resume): build modules, record targets."""
-
-    def forward(self, model: nn.Module, batch: Batch) -> Outputs:
-        """The training forward of the module :meth:`wrap` returned."""
-        return model(batch.x)
-
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, ctx: Context) -> torch.optim.Optimizer:
-        """The optimizer to train with in place of ``optimizer``: a wrapper around it (declare ``"optimizer"`` in
-        ``claims``), or ``optimizer`` itself, adjusted (learning rates, a step hook). Called once, right after the
-        engine's SGD is made (its param groups ``"backbone"``: the pretrained parts, ``"head"``: the new ones)
-        and before the scheduler is made and a checkpoint's optimizer state is loaded: whatever state the returned
-        optimizer keeps in its ``state_dict()`` is checkpointed and restored. The parameters still hold their
-        pretrained values here (and a recipe's set-up products, e.g. LP-FT's head)."""
-        return optimizer
-
-    def terms(self, batch: Batch, out: Outputs, ctx: Context) -> dict[str, Tensor]:
-        """This method's loss terms for the step, each multiplied by its trade-off."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Set-up products to checkpoint (so resuming does not recompute them)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        """Remove hooks."""
-
-
-REGISTRY: dict[str, type[Recipe]] = {}
-_ALIASES = {
-    "baseline": "erm",
-    "l2-sp": "l2sp",
-    "delta:feature-map": "delta",
-    "delta:attention": "delta-attention",
-    "delta:l2sp": "l2sp",
-    "cotuning": "co-tuning",
-    "bituning": "bi-tuning",
-}
-
-
-def register(cls: type[Recipe]) -> type[Recipe]:
-    """Class decorator adding a recipe to :data:`REGISTRY` under ``cls.name`` (a name taken twice is an error)."""
-    if not cls.name or cls.name in REGISTRY or cls.name in _ALIASES:
-        raise ValueError(f"recipe {cls.__name__}: the method name {cls.name!r} is empty or taken")
-    unknown = sorted(set(cls.claims) - set(CLAIMS))
-    if unknown:
-        raise ValueError(f"recipe {cls.__name__}: unknown claims {unknown} (known: {', '.join(CLAIMS)})")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def _claims(r: Recipe) -> frozenset[str]:
-    return r.claims | ({"forward"} if type(r).wrap is not Recipe.wrap else set())
-
-
-def _registry() -> dict[str, type[Recipe]]:
-    from . import recipes  # noqa: F401  (registers the recipes)
-
-    return REGISTRY
-
-
-def method_names() -> list[str]:
-    """The registered methods, in registration order."""
-    return list(_registry())
+def parse_methods(specs: Sequence[str]) -> list[str]:
+    """A bench's ``--methods`` list, each entry a method or combination (``l2sp+bss``; aliases resolved to the
+    registry's spelling) or a group (``tllib``, ``robust``, ``all``: its methods in registration order)."""
+    out: list[str] = []
+    for spec in specs:
+        key = spec.strip().lower()
+        if key == "all":
+            out += method_names()
+        elif key in GROUPS:
+            out += method_names(key)
+        else:
+            out.append("+".join(parse_method(spec)))
+    return out
 
 
 def registered(name: str) -> type[Recipe]:
     """The recipe class of a registered method (aliases accepted)."""
-    return _registry()[parse_method(name)[0]]
+    return REGISTRY[parse_method(name)[0]]
 
 
 def method_aliases() -> dict[str, str]:
     """Other accepted spellings (tllib's script options and common variants) → registry name."""
-    return dict(_ALIASES)
+    return dict(ALIASES)
 
 
 def _normalize(name: str) -> str:
     n = name.strip().lower().replace("_", "-")
-    return _ALIASES.get(n, n)
+    return ALIASES.get(n, n)
 
 
 def parse_method(spec: str) -> list[str]:
     """``'l2sp+bss'`` → ``['l2sp', 'bss']`` (registry names; aliases such as ``delta:attention`` accepted)."""
-    registry = _registry()
+    registry = REGISTRY
     if not spec or not spec.strip():
         raise FineregError(f"empty method; choose from {', '.join(registry)} (combine with +)")
     names = [_normalize(p) for p in spec.split("+")]
@@ -282,6 +118,32 @@ def parse_overrides(items: list[str] | Mapping[str, Any] | None) -> dict[str, di
     return out
 
 
+def settings_for(spec: str, settings: Any, specs: Sequence[str] = ()) -> Any:
+    """The entries of ``settings`` (``--set``'s list of ``method.key=value`` or a mapping ``{"bss.trade_off":
+    0.01}``) that concern the methods of ``spec``, so that one ``--set`` serves a bench of several methods. A
+    setting that concerns none of ``specs`` (all the bench's methods; default: ``spec``) is an error."""
+    names = {n: parse_method(n) for n in {spec, *specs}}
+    with_head = {n for n, ms in names.items() if any(REGISTRY[m].head_l2 for m in ms)}
+    items = list(settings.items()) if isinstance(settings, Mapping) else list(settings or [])
+
+    def method_of(item: Any) -> str:
+        key = item[0] if isinstance(item, tuple) else str(item).partition("=")[0]
+        return _normalize(str(key).partition(".")[0])
+
+    def concerns(item: Any, n: str) -> bool:
+        m = method_of(item)
+        return m in names[n] or (m == "head-l2" and n in with_head)
+
+    for item in items:
+        if not any(concerns(item, n) for n in names):
+            raise FineregError(
+                f"--set {item[0] if isinstance(item, tuple) else item}: no method of the run is {method_of(item)!r} "
+                f"(methods: {', '.join(sorted(names))})"
+            )
+    kept = [item for item in items if concerns(item, spec)]
+    return dict(kept) if isinstance(settings, Mapping) else kept
+
+
 def _split_set(item: str) -> tuple[str, str]:
     key, eq, value = item.partition("=")
     if not eq:
@@ -290,11 +152,11 @@ def _split_set(item: str) -> tuple[str, str]:
 
 
 def build_recipes(
-    spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None, *, digits: bool = False
+    spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None, *, data: str | None = None
 ) -> list[Recipe]:
-    """The recipes of ``spec`` with their overrides (over the recipes' ``digits_defaults`` on the built-in task,
-    over tllib's defaults otherwise); checks that the combination can run together."""
-    registry = _registry()
+    """The recipes of ``spec`` with their overrides (over the recipes' ``data_defaults`` for ``data``, over their
+    defaults otherwise); checks that the combination can run together."""
+    registry = REGISTRY
     names = parse_method(spec)
     overrides = dict(overrides or {})
     extra = {"head-l2"} if any(registry[n].head_l2 for n in names) else set()
@@ -304,14 +166,10 @@ def build_recipes(
             f"--set names method {stray[0]!r}, which is not in {spec!r} (methods here: "
             f"{', '.join([*names, *sorted(extra)])})"
         )
-    recipes = [
-        registry[n](**{**(registry[n].digits_defaults if digits else {}), **overrides.get(n, {})}) for n in names
-    ]
+    recipes = [registry[n](**{**registry[n].data_defaults.get(data or "", {}), **overrides.get(n, {})}) for n in names]
     check_combination(recipes)
     head_l2 = 0.0 if any(r.decays_head for r in recipes) else max((r.head_l2 for r in recipes), default=0.0)
     if head_l2 or "head-l2" in overrides:
-        from .recipes.weight import HeadL2
-
         recipes.append(HeadL2(**{"trade_off": head_l2, **overrides.get("head-l2", {})}))
     return recipes
 
@@ -322,7 +180,7 @@ def check_combination(recipes: Sequence[Recipe]) -> None:
     reads what that forward no longer gives (pooled features, source-head logits)."""
     claimed: dict[str, str] = {}
     for r in recipes:
-        for c in sorted(_claims(r)):
+        for c in sorted(claims_of(r)):
             if c in claimed:
                 raise FineregError(
                     f"{claimed[c]} and {r.name} both {CLAIMS[c]}; they cannot be combined: keep one of them"

@@ -56,21 +56,31 @@ def _fmt(v: float, sign: bool = False) -> str:
     return "–" if v is None or math.isnan(v) else (f"{v:+.1f}" if sign else f"{v:.1f}")
 
 
-def accuracy_table(summary: list[dict], methods: Sequence[str], rates: Sequence[float], metric: str = "top1") -> str:
-    """Rows = methods, columns = rates and their average; cells = mean ± std over the seeds; best mean in bold."""
+def accuracy_table(
+    summary: list[dict],
+    methods: Sequence[str],
+    rates: Sequence[float],
+    metric: str = "top1",
+    diverged: Sequence[dict] = (),
+) -> str:
+    """Rows = methods, columns = rates and their average; cells = mean ± std over the seeds; best mean in bold.
+    A cell with ``diverged`` runs (result rows whose loss was not finite) says how many seeds diverged."""
     cell = _cells(summary, metric)
+    lost = _count(diverged)
     best = {r: max((cell[(m, r)]["mean"] for m in methods if (m, r) in cell), default=None) for r in rates}
     lines = ["| method | " + " | ".join(f"{r:g}%" for r in rates) + " | avg |", "|---|" + "---|" * (len(rates) + 1)]
     for m in methods:
         texts, means = [], []
         for r in rates:
-            s = cell.get((m, float(r)))
+            s, k = cell.get((m, float(r))), lost.get((m, float(r)), 0)
+            note = f"{k} diverged" if k else ""
             if s is None:
-                texts.append("–")
+                texts.append(note or "–")
                 continue
             means.append(s["mean"])
             text = f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"
-            texts.append(f"**{text}**" if best[r] is not None and s["mean"] == best[r] else text)
+            text = f"**{text}**" if best[r] is not None and s["mean"] == best[r] else text
+            texts.append(f"{text} ({note})" if note else text)
         avg = _fmt(sum(means) / len(means)) if len(means) == len(rates) else "–"
         lines.append(f"| {m} | " + " | ".join(texts) + f" | {avg} |")
     return "\n".join(lines)
@@ -98,9 +108,26 @@ def difference_table(summary: list[dict], methods: Sequence[str], rates: Sequenc
     return "\n".join(lines)
 
 
-def report_markdown(summary: list[dict], methods: Sequence[str], rates: Sequence[float], note: str) -> str:
-    """The bench's ``summary.md``: for each metric present, the accuracy table and the paired-difference table."""
+def _count(diverged: Sequence[dict]) -> dict[tuple[str, float], int]:
+    out: dict[tuple[str, float], int] = {}
+    for r in diverged:
+        key = (r["method"], float(r["sample_rate"]))
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def report_markdown(
+    summary: list[dict], methods: Sequence[str], rates: Sequence[float], note: str, diverged: Sequence[dict] = ()
+) -> str:
+    """The bench's ``summary.md``: for each metric present, the accuracy table and the paired-difference table;
+    first the runs that diverged (left out of the means and the pairs), with the error of the first."""
     parts = [note]
+    if diverged:
+        where = ", ".join(f"{r['method']} {float(r['sample_rate']):g}% seed {r['seed']}" for r in diverged)
+        parts.append(
+            f"**{len(diverged)} runs diverged** (the loss became infinite or NaN; they are left out of the means "
+            f"and the paired differences): {where}. First error: {diverged[0]['diverged']}"
+        )
     present = {s["metric"] for s in summary}
     for metric, title in METRICS.items():
         if metric not in present:
@@ -108,7 +135,7 @@ def report_markdown(summary: list[dict], methods: Sequence[str], rates: Sequence
         base = next(s["baseline"] for s in summary if s["metric"] == metric)
         parts += [
             f"### {title[0].upper()}{title[1:]}: mean ± std over the seeds",
-            accuracy_table(summary, methods, rates, metric),
+            accuracy_table(summary, methods, rates, metric, diverged),
         ]
         if any(m != base for m in methods):
             parts += [

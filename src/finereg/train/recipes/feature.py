@@ -19,8 +19,8 @@ from ...feature.capture import FeatureCapture
 from ...feature.delta import AttentionBehavioralPenalty, BehavioralPenalty
 from .. import dist as fdist
 from ..data import derive_seed, epoch_plan
-from ..methods import HP, Context, Recipe, register
 from ..models import default_feature_layers
+from ..recipe import HP, Context, Recipe, register
 
 __all__ = ["DeltaRecipe", "DeltaAttentionRecipe", "BSSRecipe"]
 
@@ -40,7 +40,7 @@ class DeltaRecipe(Recipe):
     params = {"trade_off": HP(0.01, low=0), "layers": HP([], list)}
     # tllib's 0.01 diverges on the built-in task: its learning rate (0.05) is 5x tllib's and the penalty sums
     # over the batch, so SGD on the conv weights leaves its stable range (NaN within 10 steps; measured).
-    digits_defaults = {"trade_off": 0.001}
+    data_defaults = {"digits": {"trade_off": 0.001}}
     weight_decay = 0.0
     needs_source = True
     head_l2 = 0.01

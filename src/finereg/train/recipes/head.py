@@ -14,8 +14,8 @@ from ...head.co_tuning import CoTuning, direct_relationship, reverse_relationshi
 from ...head.kd import KnowledgeDistillation
 from .. import dist as fdist
 from ..data import Batch
-from ..methods import HP, Context, Recipe, register
 from ..models import Outputs, TransferNet
+from ..recipe import HP, Context, Recipe, register
 
 __all__ = ["LwFRecipe", "CoTuningRecipe", "BiTuningRecipe"]
 

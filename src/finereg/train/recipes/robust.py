@@ -1,7 +1,7 @@
 """Recipes of the robust fine-tuning methods (issue 11): SPD, FTP and decoupled L2-SP (optimizer wrappers), TPGM
 (radii learned on validation data) and LP-FT (a linear-probe head, then fine-tuning at a lower learning rate).
 
-All of them enter through :meth:`~finereg.train.methods.Recipe.wrap_optimizer`, called once on the engine's SGD
+All of them enter through :meth:`~finereg.train.recipe.Recipe.wrap_optimizer`, called once on the engine's SGD
 (momentum 0.9, Nesterov; param groups ``backbone`` and ``head``) before a checkpoint's optimizer state is loaded.
 
 * The wrappers are the library's classes (:mod:`finereg.optim`) around that SGD, with anchors θ0 = the
@@ -32,9 +32,9 @@ from ...lp_ft import LinearProbe, batchnorm_eval_
 from ...merge.tpgm import TPGM
 from ...optim import FTP, SPD, DecoupledL2SP
 from ..data import derive_seed
-from ..methods import HP, Context, Recipe, register
 from ..models import TransferNet
 from ..probe import probe_head
+from ..recipe import HP, Context, Recipe, register
 
 __all__ = ["SPDRecipe", "FTPRecipe", "DecoupledL2SPRecipe", "TPGMRecipe", "LPFTRecipe", "ValidStream", "new_params"]
 
@@ -64,6 +64,7 @@ class SPDRecipe(Recipe):
     parameter)."""
 
     name = "spd"
+    group = "robust"
     title = "SPD: Rethinking Weight Decay for Robust Fine-Tuning of Foundation Models (Tian, Huang, Kira, NeurIPS 2024)"
     params = {"weight_decay": HP(1.0, low=0), "anchor_head": HP(False, bool)}
     weight_decay = 0.0
@@ -84,6 +85,7 @@ class FTPRecipe(Recipe):
     the new head excluded, SGD weight decay 0 (momentum 0.9, Nesterov, as the engine's)."""
 
     name = "ftp"
+    group = "robust"
     title = "FTP: Fast Trainable Projection for Robust Fine-Tuning (Tian, Huang, Kira, NeurIPS 2023)"
     params = {"k": HP(1.0, low=0), "mu": HP(1e-2, low=0), "norm": HP("mars", str, choices=("mars", "l2"))}
     weight_decay = 0.0
@@ -107,6 +109,7 @@ class DecoupledL2SPRecipe(Recipe):
     the head's decay, so no head-l2 term is added beside it (``--set head-l2.trade_off=...`` still adds one)."""
 
     name = "l2sp-decoupled"
+    group = "robust"
     title = "L2-SP (Li et al., ICML 2018) decoupled from the gradient as in AdamW (Loshchilov & Hutter, ICLR 2019)"
     params = {"alpha": HP(0.1, low=0), "beta": HP(0.1, low=0)}
     weight_decay = 0.0
@@ -156,6 +159,7 @@ class TPGMRecipe(Recipe):
     their Adam state, θ0 and the position in the validation stream are in the checkpoint."""
 
     name = "tpgm"
+    group = "robust"
     title = "TPGM: Trainable Projected Gradient Method for Robust Fine-tuning (Tian et al., CVPR 2023)"
     params = {
         "freq": HP(1, int, low=0),
@@ -246,6 +250,7 @@ class LPFTRecipe(Recipe):
     official ``use_net_val_mode`` option; default off, as there). SGD weight decay 5e-4 (tllib's ERM)."""
 
     name = "lp-ft"
+    group = "robust"
     title = "LP-FT: Fine-Tuning can Distort Pretrained Features and Underperform OOD (Kumar et al., ICLR 2022)"
     params = {"lr_mult": HP(0.1, low=0, low_open=True), "batchnorm_eval": HP(False, bool)}
     defaults_from = OFFICIAL

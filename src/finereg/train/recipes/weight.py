@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ...weight.l2 import L2, L2SP
-from ..methods import HP, Context, Recipe, register
+from ..recipe import HP, Context, Recipe, register
 
 __all__ = ["ERM", "L2Recipe", "L2SPRecipe", "HeadL2"]
 
