@@ -117,10 +117,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object], 
             os.fsync(f.fileno())
         if replace:
             os.replace(tmp, path)
+            fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path if replace else Path(tmp)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk, so that a rename in it survives a power loss (POSIX; a no-op where
+    folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .._checks import FineregError
-from .._utils import atomic_write
+from .._utils import atomic_write, fsync_dir
 
 __all__ = [
     "CheckpointError",
@@ -68,6 +68,7 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike) -> Path:
     if last.exists():
         os.replace(last, run_dir / PREV)
     os.replace(tmp, last)
+    fsync_dir(run_dir)  # the renames reach the disk, not only the page cache
     return last
 
 
