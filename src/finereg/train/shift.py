@@ -9,7 +9,7 @@ from ``torch.Generator().manual_seed(seed)`` (row i of one table, :func:`shift_p
 2. stroke change: a random half is thickened (a k×k max filter, k = 2·max(1, round(size/32)) + 1, i.e. 3×3 at
    32 px), the other half blurred (Gaussian, σ = max(1, size/32) px);
 3. additive Gaussian pixel noise, σ = 0.02, then clipping to [0, 1] (small: of the three, pixel noise hurts a
-   fine-tuned EfficientNet-Lite0 most; see docs/protocol_data.md).
+   fine-tuned EfficientNet-Lite0 most; see docs/protocol.md).
 
 Rendering: :func:`finereg.train.imagenet_task.resample`, one ``affine_grid`` + ``grid_sample`` (bilinear, zeros
 outside) straight from the native image to ``size × size``; the clean test set goes through the same function
