@@ -18,7 +18,6 @@ float32. Written with keras.ops only.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import keras
 from keras import ops
@@ -93,8 +92,9 @@ class _Standardized:
     def load_own_variables(self, store):
         keras.layers.Layer.load_own_variables(self, store)
 
-    def _ws_config(self) -> dict[str, Any]:
-        return {"variant": self.variant, "eps": self.eps, "gamma": self.gamma, "gain_init": self.gain_init}
+    def get_config(self):
+        ws = {"variant": self.variant, "eps": self.eps, "gamma": self.gamma, "gain_init": self.gain_init}
+        return {**super().get_config(), **ws}
 
 
 @keras.saving.register_keras_serializable(package="finereg")
@@ -105,9 +105,6 @@ class StandardizedConv1D(_Standardized, keras.layers.Conv1D):
         super().__init__(filters, kernel_size, **kwargs)
         self._setup_ws(variant, eps, gamma, gain_init)
 
-    def get_config(self):
-        return {**super().get_config(), **self._ws_config()}
-
 
 @keras.saving.register_keras_serializable(package="finereg")
 class StandardizedConv2D(_Standardized, keras.layers.Conv2D):
@@ -116,9 +113,6 @@ class StandardizedConv2D(_Standardized, keras.layers.Conv2D):
     def __init__(self, filters, kernel_size, variant="ws", eps=None, gamma=1.0, gain_init=1.0, **kwargs):
         super().__init__(filters, kernel_size, **kwargs)
         self._setup_ws(variant, eps, gamma, gain_init)
-
-    def get_config(self):
-        return {**super().get_config(), **self._ws_config()}
 
 
 @keras.saving.register_keras_serializable(package="finereg")
@@ -129,9 +123,6 @@ class StandardizedConv3D(_Standardized, keras.layers.Conv3D):
         super().__init__(filters, kernel_size, **kwargs)
         self._setup_ws(variant, eps, gamma, gain_init)
 
-    def get_config(self):
-        return {**super().get_config(), **self._ws_config()}
-
 
 @keras.saving.register_keras_serializable(package="finereg")
 class StandardizedDense(_Standardized, keras.layers.Dense):
@@ -140,9 +131,6 @@ class StandardizedDense(_Standardized, keras.layers.Dense):
     def __init__(self, units, variant="ws", eps=None, gamma=1.0, gain_init=1.0, **kwargs):
         super().__init__(units, **kwargs)
         self._setup_ws(variant, eps, gamma, gain_init)
-
-    def get_config(self):
-        return {**super().get_config(), **self._ws_config()}
 
 
 #: plain Keras layer class -> its standardized counterpart (exact classes; subclasses are left alone)
