@@ -45,7 +45,7 @@ def _tllib(layout):
     return {attr: mult for attr, mult in layout if attr != "bottleneck"}  # the engine has no bottleneck
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", method_names("tllib"))
 def test_engine_groups_are_tllibs_layout(tmp_path, method):
     got = _groups(tmp_path, method)
     got = {ENGINE_TO_TLLIB.get(k, k): v for k, v in got.items()}
@@ -60,6 +60,14 @@ def test_engine_groups_are_tllibs_layout(tmp_path, method):
     else:
         expected = _tllib(TLLIB_PLAIN)
     assert got == pytest.approx(expected), method
+
+
+@pytest.mark.parametrize("method", method_names("robust"))
+def test_robust_methods_keep_the_plain_layout(tmp_path, method):
+    """tllib has none of them: their groups are the plain classifier's (backbone at 0.1x, the new head at 1x),
+    which LP-FT's stage 2 scales by its lr_mult (0.1: the official sweeps' grid 10x below fine-tuning's)."""
+    scale = 0.1 if method == "lp-ft" else 1.0
+    assert _groups(tmp_path, method) == pytest.approx({k: v * scale for k, v in _tllib(TLLIB_PLAIN).items()})
 
 
 def test_deviations_from_tllib_are_options(tmp_path):
