@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .._checks import FineregError, check_int, check_number
 from .build import build_task
@@ -119,8 +120,8 @@ def _csv(rows: list[dict]) -> str:
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the grid, write results.csv / summary.csv / summary.md / accuracy_vs_rate.png, print the table."""
     methods = parse_methods(cfg.methods)  # validate (and normalize, groups expanded) before any work
-    if methods:
-        settings_for(methods[0], cfg.base.set, methods)  # each --set names a method of the bench
+    # --set l2sp.trade_off=... changes the l2sp runs only; a --set that names no method of the bench is an error
+    settings = {m: settings_for(m, cfg.base.set, methods) for m in methods}
     if not methods or not cfg.rates or not cfg.seeds:
         raise FineregError("bench needs at least one method, one sampling rate and one seed")
     rates = [check_number(r, "each sampling rate (a percentage)", low=0, high=100, low_open=True) for r in cfg.rates]
@@ -138,11 +139,17 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
             )
     out = Path(cfg.out or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     with bench_dir(out):
-        return _bench(cfg, methods, rates, seeds, out, log)
+        return _bench(cfg, methods, settings, rates, seeds, out, log)
 
 
 def _bench(
-    cfg: BenchConfig, methods: list[str], rates: list[float], seeds: list[int], out: Path, log: Callable[[str], None]
+    cfg: BenchConfig,
+    methods: list[str],
+    settings: dict[str, Any],
+    rates: list[float],
+    seeds: list[int],
+    out: Path,
+    log: Callable[[str], None],
 ) -> BenchResult:
     t0 = time.perf_counter()
     jobs = max(1, cfg.jobs or _cores())
@@ -152,7 +159,7 @@ def _bench(
         dataclasses.replace(
             base,
             method=m,
-            set=settings_for(m, base.set, methods),  # --set l2sp.trade_off=... changes the l2sp runs only
+            set=settings[m],
             sample_rate=float(r),
             seed=int(s),
             out=str(out / "runs" / _run_name(m, r, s)),
