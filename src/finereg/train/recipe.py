@@ -172,7 +172,10 @@ class Recipe:
 
 
 # The bench's method groups: tllib's methods (the default grid) and the robust fine-tuning methods.
-GROUPS = {"tllib": "the methods of tllib (the default)", "robust": "the robust fine-tuning methods (issue 11)"}
+GROUPS = {
+    "tllib": "the methods of tllib (the default)",
+    "robust": "the robust fine-tuning methods (optimizer, projection, probe)",
+}
 
 REGISTRY: dict[str, type[Recipe]] = {}
 ALIASES = {
