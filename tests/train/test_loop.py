@@ -16,6 +16,7 @@ from finereg._checks import FineregError
 from finereg.train.checkpoint import LAST, PREV, CheckpointError, load_checkpoint
 from finereg.train.cli import main
 from finereg.train.loop import FitConfig, evaluate, fit, load_trained
+from finereg.train.methods import method_names
 from finereg.train.run_dir import RunDirError
 from tests.train._util import digest, image_folder
 
@@ -64,14 +65,17 @@ def test_fit_records_metrics_and_checkpoints(tmp_path, tiny):
     assert torch.equal(trained(x), res.net.eval()(x))
 
 
-def test_resume_mid_epoch_gives_the_uninterrupted_weights(tmp_path, tiny):
-    full = fit(tiny(tmp_path / "a", method="erm"), **QUIET)
+@pytest.mark.parametrize("method", method_names("tllib"))  # the robust methods: tests/train/test_robust_recipes.py
+def test_resume_mid_epoch_gives_the_uninterrupted_weights(tmp_path, tiny, method):
+    """Set-up products (LwF's targets, Co-Tuning's relationship, channel attention), Bi-Tuning's queues and
+    momentum encoder, and every optimizer state come back from a mid-epoch checkpoint."""
+    full = fit(tiny(tmp_path / "a", method=method), **QUIET)
 
     def stop(info):
         if info.epoch == 0 and info.step == 2:
             raise KeyboardInterrupt
 
-    part = fit(tiny(tmp_path / "b"), on_step=stop, **QUIET)
+    part = fit(tiny(tmp_path / "b", method=method), on_step=stop, **QUIET)
     assert part.interrupted and part.epochs_done == 0
     ck = load_checkpoint(part.run_dir)
     assert (ck["epoch"], ck["step"]) == (0, 2) and ck["rng"] is not None
@@ -84,6 +88,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_weights(tmp_path, tiny):
         torch.equal(a["optimizer"]["state"][k]["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"])
         for k in a["optimizer"]["state"]
     )
+    assert a["net"].keys() == b["net"].keys() and all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
 
 
 def test_resume_after_an_epoch_and_with_more_epochs(tmp_path, tiny):
