@@ -42,6 +42,7 @@ from torch import nn
 import finereg
 from finereg.head import CoTuning, KnowledgeDistillation, direct_relationship
 from finereg.head.bi_tuning import BiTuning, BiTuningClassifier
+from finereg.train.prefix import split_prefix
 
 BATCH, CLASSES = 32, 10
 CACHED_PREFIXES = (2, 4)
@@ -58,26 +59,6 @@ class Net(nn.Module):
     def forward(self, x):
         f = self.backbone(x)
         return self.head(f), f
-
-
-class Tail(nn.Module):
-    """blocks k+1.. of a backbone and its head convolution / pooling: the trainable part after a cached prefix."""
-
-    def __init__(self, backbone: nn.Module, k: int):
-        super().__init__()
-        self.blocks = backbone.blocks[k + 1 :]
-        self.conv_head, self.bn2, self.global_pool = backbone.conv_head, backbone.bn2, backbone.global_pool
-
-    def forward(self, x):
-        return self.global_pool(self.bn2(self.conv_head(self.blocks(x))))
-
-
-def prefix(backbone: nn.Module, k: int) -> Callable:
-    def run(x):
-        with torch.no_grad():
-            return backbone.blocks[: k + 1](backbone.bn1(backbone.conv_stem(x)))
-
-    return run
 
 
 def build(source: nn.Module, *, channels_last=False, bn_eval=False):
@@ -204,21 +185,15 @@ def step_variants(source, sizes, threads):
         other = 2 if threads == 1 else 1
         out[f"{s}px contiguous BN train, {other} thread(s)"] = with_threads(step_fn(net, opt, x, y), other)
         for k in CACHED_PREFIXES:  # frozen, cached prefix: stem + blocks 0..k in eval mode; the rest trains
-            net, opt = build(source, channels_last=True)
-            tail = Tail(net.backbone, k)
-            for p in net.backbone.parameters():
-                p.requires_grad_(False)
-            for p in tail.parameters():
-                p.requires_grad_(True)
-            opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+            net, _ = build(source, channels_last=True)
+            frozen = split_prefix(net.backbone, f"blocks.{k}")  # the engine's split: net.backbone is the rest
+            opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
             x, y = batch(s, channels_last=True)
-            net.eval()
-            cached = prefix(net.backbone, k)(x).contiguous(memory_format=torch.channels_last)
-            net.train()
+            with torch.no_grad():
+                cached = frozen(x).contiguous(memory_format=torch.channels_last)
 
-            def fwd(_x, tail=tail, net=net, cached=cached):
-                f = tail(cached)
-                return net.head(f), f
+            def fwd(_x, net=net, cached=cached):
+                return net(cached)
 
             out[f"{s}px channels_last, cached prefix through blocks.{k}"] = step_fn(net, opt, x, y, forward=fwd)
     return out
@@ -238,7 +213,7 @@ def reg_variants(source, size, channels_last=True):
     out["ERM"] = step_fn(net, opt, x, y)
 
     net, opt = plain()
-    l2 = finereg.L2(net, alpha=0.01, include=["backbone.*", "head.*"])
+    l2 = finereg.L2(net, factor=0.01, include=["backbone.*", "head.*"])
     out["L2 (loss term)"] = step_fn(net, opt, x, y, extra=lambda *a, r=l2: r())
 
     net, opt = plain()
@@ -272,7 +247,7 @@ def reg_variants(source, size, channels_last=True):
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     with torch.no_grad():
         recorded = frozen(x)  # LwF records the pretrained predictions once, before training
-    kd3 = KnowledgeDistillation(T=3.0)
+    kd3 = KnowledgeDistillation(temperature=3.0)
     out["LwF (recorded targets)"] = step_fn(
         net, opt, x, y, extra=lambda x_, y_, lg, f, n=net: 4.0 * kd3(n.source_head(f), recorded)
     )
@@ -280,7 +255,7 @@ def reg_variants(source, size, channels_last=True):
     net, opt = plain()
     net.source_head.requires_grad_(True)
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    kd1 = KnowledgeDistillation(T=1.0)
+    kd1 = KnowledgeDistillation(temperature=1.0)
 
     def kd(x_, y_, lg, f, n=net):
         with torch.no_grad():
@@ -299,7 +274,7 @@ def reg_variants(source, size, channels_last=True):
     backbone = copy.deepcopy(source)
     backbone.reset_classifier(0)
     enc = BiTuningClassifier(backbone, CLASSES, 128, features_dim=1280)
-    bi = BiTuning(enc, num_classes=CLASSES, K=40, m=0.999, T=0.07).train()
+    bi = BiTuning(enc, num_classes=CLASSES, K=40, m=0.999, temperature=0.07).train()
     if channels_last:
         bi = bi.to(memory_format=torch.channels_last)
     bopt = torch.optim.SGD([p for p in bi.encoder_q.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -332,11 +307,11 @@ def isolated_extras(source, size, channels_last=True) -> dict[str, Callable]:
         p.grad = torch.zeros_like(p)
     anchor = {f"backbone.{k}": v for k, v in frozen.state_dict().items() if not k.startswith("classifier.")}
     inc = ["backbone.*", "head.*"]
-    l2 = finereg.L2(net, alpha=0.01, include=inc)
+    l2 = finereg.L2(net, factor=0.01, include=inc)
     l2sp = finereg.L2SP(net, anchor=anchor, alpha=0.01, beta=0.01, include=inc)
     bss = finereg.BSS(k=1)
     head = copy.deepcopy(net.source_head).requires_grad_(True)
-    kd3, kd1 = KnowledgeDistillation(T=3.0), KnowledgeDistillation(T=1.0)
+    kd3, kd1 = KnowledgeDistillation(temperature=3.0), KnowledgeDistillation(temperature=1.0)
     cot = CoTuning(direct_relationship(torch.softmax(recorded, 1), y, CLASSES))
     src_net = Net(copy.deepcopy(frozen), frozen.classifier).eval().requires_grad_(False)
     src_net.backbone.reset_classifier(0)

@@ -29,32 +29,16 @@ from torch import nn
 import finereg
 from finereg.train.data import derive_seed
 from finereg.train.imagenet_task import split_target_set, to_backbone_input
+from finereg.train.prefix import split_prefix
 from finereg.train.shift import shifted
 
 
-class Tail(nn.Module):
-    """The trained part of the backbone after a frozen prefix (blocks k+1.., head convolution, pooling)."""
-
-    def __init__(self, backbone: nn.Module, k: int):
-        super().__init__()
-        self.blocks = backbone.blocks[k + 1 :]
-        self.conv_head, self.bn2, self.global_pool = backbone.conv_head, backbone.bn2, backbone.global_pool
-
-    def forward(self, x):
-        return self.global_pool(self.bn2(self.conv_head(self.blocks(x))))
-
-
-def prefix_features(backbone: nn.Module, k: int, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The frozen prefix's output (eval mode, no grad) for every image, in chunks."""
-    was = backbone.training
-    backbone.eval()
-    out = []
+def prefix_features(source: nn.Module, k: int, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The frozen prefix's output (the engine's :func:`split_prefix`: eval mode, no grad) for every image, in
+    chunks."""
+    frozen = split_prefix(copy.deepcopy(source), f"blocks.{k}")
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            h = backbone.bn1(backbone.conv_stem(x[i : i + batch].contiguous()))
-            out.append(backbone.blocks[: k + 1](h))
-    backbone.train(was)
-    return torch.cat(out)
+        return torch.cat([frozen(x[i : i + batch].contiguous()) for i in range(0, len(x), batch)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
@@ -71,11 +55,8 @@ def run(source, splits, sets, feats, rate, seed, args) -> dict:
     backbone.reset_classifier(0)
     k = args.cache_through
     if k >= 0:
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        trunk = Tail(backbone, k).requires_grad_(True)
-    else:
-        trunk = backbone
+        split_prefix(backbone, f"blocks.{k}")  # what remains of the backbone trains on the prefix's outputs
+    trunk = backbone
     model = nn.Sequential(trunk, nn.Linear(1280, 10)).to(memory_format=torch.channels_last)
     t_setup = time.perf_counter() - t0
     idx = splits.train_indices(rate, seed)
