@@ -127,7 +127,7 @@ def settings_for(spec: str, settings: Any, specs: Sequence[str] = ()) -> Any:
     items = list(settings.items()) if isinstance(settings, Mapping) else list(settings or [])
 
     def method_of(item: Any) -> str:
-        key = item[0] if isinstance(item, tuple) else str(item).partition("=")[0]
+        key = item[0] if isinstance(item, tuple) else _split_set(str(item))[0]
         return _normalize(str(key).partition(".")[0])
 
     def concerns(item: Any, n: str) -> bool:
