@@ -137,3 +137,39 @@ def test_resuming_from_prev_after_a_corrupt_last_keeps_the_intact_checkpoint(tmp
     assert load_checkpoint(run)["epoch"] == 3
     assert (run / PREV).read_bytes() == prev_bytes  # the intact epoch-2 checkpoint is still the fallback
     assert (run / f"{LAST}.corrupt").stat().st_size == 1000
+
+
+def test_overwrite_removes_a_symlinked_tb_as_a_link_and_never_follows_it(tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other_tb"
+    assert main(["fit", "--out", str(run), *TINY, "--epochs", "2"]) == 0
+    other.mkdir()
+    (other / "events.out.tfevents.1.other").write_text("x")
+    for p in (run / "tb").iterdir():
+        p.unlink()
+    (run / "tb").rmdir()
+    (run / "tb").symlink_to(other)
+    assert main(["fit", "--out", str(run), *TINY, "--overwrite"]) == 0
+    assert (other / "events.out.tfevents.1.other").read_text() == "x"  # outside --out: untouched
+    assert not (run / "tb").is_symlink() and any(p.name.startswith("events.out") for p in (run / "tb").iterdir())
+    assert load_checkpoint(run)["epoch"] == 1
+
+
+@pytest.mark.parametrize("what", ["tb-file", "dir-for-metrics"])
+def test_overwrite_refuses_what_it_cannot_remove_before_deleting_anything(tmp_path, capsys, what):
+    run = tmp_path / "run"
+    assert main(["fit", "--out", str(run), *TINY, "--epochs", "2"]) == 0
+    if what == "tb-file":
+        for p in (run / "tb").iterdir():
+            p.unlink()
+        (run / "tb").rmdir()
+        (run / "tb").write_text("mine")
+    else:
+        (run / "metrics.csv").unlink()
+        (run / "metrics.csv").mkdir()
+        (run / "metrics.csv" / "mine").write_text("mine")
+    before = digest(run)
+    capsys.readouterr()
+    assert main(["fit", "--out", str(run), *TINY, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing was deleted" in err and "Traceback" not in err, err
+    assert digest(run) == before and (run / LAST).is_file() and (run / PREV).is_file()

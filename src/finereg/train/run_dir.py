@@ -217,21 +217,18 @@ class RunDir:
                 f"{str(self.path)!r} already holds a run ({', '.join(existing)}). Continue it with --resume, start "
                 "over with --overwrite (deletes that run's files only), or choose another --out"
             )
+        self._old_run_files()  # what --overwrite would refuse is refused now, before any set-up
 
     def begin(self, log=print) -> None:
         """The run starts writing: a new run removes the previous run's files (only those a run writes) and
         writes the marker; a resumed run sets a corrupt ``last.pt`` aside (``last.pt.corrupt``) when it resumes
         from ``prev.pt``, so that the next checkpoint does not rotate it over the intact one."""
         if self.checkpoint is None:
-            for name in RUN_FILES:
-                (self.path / name).unlink(missing_ok=True)
+            for p in self._old_run_files():  # every check first: nothing is deleted unless all of it can be
+                p.unlink()  # a link is removed as a link, never followed
             tb = self.path / TB
-            if tb.is_dir():
-                for p in tb.iterdir():
-                    if p.is_file() and p.name.startswith(_TB_EVENTS):
-                        p.unlink()
-                if not any(tb.iterdir()):
-                    tb.rmdir()
+            if tb.is_dir() and not tb.is_symlink() and not any(tb.iterdir()):
+                tb.rmdir()
         else:
             last = self.path / LAST
             if last.exists() and self.resumed_from is not None and self.resumed_from.resolve() != last.resolve():
@@ -242,6 +239,36 @@ class RunDir:
                     log(f"{last} is unreadable: kept as {CORRUPT}")
         (self.path / MARKER).write_text(json.dumps({"format": "finereg-run-v1"}) + "\n")
         self._created = False  # it holds a run now
+
+    def _old_run_files(self) -> list[Path]:
+        """The files of the previous run that a new run replaces, after checking that each can be removed as a
+        file: a directory where a run writes a file, or a ``tb`` that is a file, is refused before anything is
+        deleted. A symbolic link (``tb/`` included) is listed as itself: its target, inside or outside the run
+        directory, is never touched."""
+        found: list[Path] = []
+
+        def plain_file(p: Path) -> bool:
+            if p.is_symlink():
+                return True
+            if p.is_dir():
+                raise RunDirError(
+                    f"{str(p)!r} is a directory where a finereg run keeps a file; move it away (nothing was "
+                    "deleted), or choose another --out"
+                )
+            return p.exists()
+
+        found += [p for p in (self.path / n for n in RUN_FILES) if plain_file(p)]
+        tb = self.path / TB
+        if tb.is_symlink():
+            found.append(tb)
+        elif tb.exists():
+            if not tb.is_dir():
+                raise RunDirError(
+                    f"{str(tb)!r} is a file where a finereg run keeps its TensorBoard folder; move it away "
+                    "(nothing was deleted), or choose another --out"
+                )
+            found += [p for p in sorted(tb.iterdir()) if p.name.startswith(_TB_EVENTS) and plain_file(p)]
+        return found
 
     def close(self, *, failed: bool = False) -> None:
         """Release the directory; after a failed start, remove it again if this run created it."""
