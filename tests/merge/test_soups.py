@@ -79,3 +79,26 @@ def test_errors():
         uniform_soup(net(0))
     with pytest.raises(FineregError, match="evaluate must be a callable"):
         greedy_soup(net(0), [net(1)], None)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("evaluation failed"), KeyboardInterrupt()])
+def test_greedy_soup_restores_the_model_when_evaluate_raises(error):
+    model, states = net(9), [net(s) for s in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 4:  # the first candidate soup is loaded
+            raise error
+        return float(len(calls))
+
+    with pytest.raises(type(error)):
+        greedy_soup(model, states, evaluate)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_greedy_soup_refuses_a_nan_metric_in_a_mapping():
+    scores = iter([0.5, float("nan"), 0.4])
+    with pytest.raises(FineregError, match="must be a finite number, got nan"):
+        greedy_soup(net(9), [net(s) for s in range(3)], lambda m: {"val": next(scores)}, select="val")

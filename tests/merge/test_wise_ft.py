@@ -168,3 +168,31 @@ def test_sweep_needs_select_for_several_metrics():
 
 def test_top_level_exports():
     assert finereg.wise_ft is wise_ft and finereg.wise_ft_sweep is wise_ft_sweep
+
+
+@pytest.mark.parametrize("error", [RuntimeError("evaluation failed"), KeyboardInterrupt()])
+def test_sweep_restores_the_fine_tuned_weights_when_evaluate_raises(error):
+    theta0, model = net(0), net(1)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 3:  # model holds θ(0.2) now
+            raise error
+        return 0.5
+
+    with pytest.raises(type(error)):
+        wise_ft_sweep(model, theta0, model, evaluate, alphas=(0.0, 0.1, 0.2, 0.3))  # the documented use
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and not model.training
+
+
+def test_sweep_refuses_a_nan_metric_in_a_mapping():
+    theta0, model = net(0), net(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.5, float("nan"), 0.4])
+    with pytest.raises(FineregError, match=r"evaluate\(model\)\['val'\] must be a finite number, got nan"):
+        wise_ft_sweep(model, theta0, model, lambda m: {"val": next(scores)}, alphas=(0, 0.5, 1), select="val")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

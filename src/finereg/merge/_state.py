@@ -12,7 +12,8 @@ Merging is a lerp (``torch._foreach_lerp``: a + w·(b − a)): an entry equal in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ __all__ = [
     "lerp_states",
     "has_batchnorm",
     "load_merged",
+    "restored_on_error",
 ]
 
 StateLike = nn.Module | Mapping[str, Tensor]
@@ -114,3 +116,19 @@ def load_merged(model: nn.Module, state: dict[str, Tensor], bn_batches: Iterable
     if bn_batches is not None and has_batchnorm(model):
         device = next((p.device for p in model.parameters()), None)
         torch.optim.swa_utils.update_bn(bn_batches, model, device=device)
+
+
+@contextmanager
+def restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Run a block that loads other weights into ``model``; if it raises (``KeyboardInterrupt`` included), the
+    weights, buffers and train/eval mode that ``model`` had before are loaded back, so that nothing is lost."""
+    inner = unwrap(model)
+    saved = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    modes = [m.training for m in inner.modules()]
+    try:
+        yield
+    except BaseException:
+        inner.load_state_dict(saved)
+        for m, mode in zip(inner.modules(), modes):
+            m.training = mode
+        raise

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import FineregError, check_bool
-from ._state import StateLike, aligned, as_state, floating_keys, lerp_states, load_merged
+from ._state import StateLike, aligned, as_state, floating_keys, lerp_states, load_merged, restored_on_error
 from .wise_ft import _metrics
 
 __all__ = ["uniform_soup", "greedy_soup", "GreedySoup"]
@@ -86,14 +86,15 @@ def greedy_soup(
         with torch.no_grad():
             return _metrics(evaluate(model), select)["score"]
 
-    scores = [score(s) for s in items]
-    order = sorted(range(len(items)), key=lambda i: (-sign * scores[i], i))
-    soup, kept, best = items[order[0]], [order[0]], scores[order[0]]
-    for i in order[1:]:
-        candidate = lerp_states(items[i], soup, len(kept) / (len(kept) + 1), keys)
-        s = score(candidate)
-        if sign * s > sign * best:
-            soup, best = candidate, s
-            kept.append(i)
-    load_merged(model, soup, bn_batches)
+    with restored_on_error(model):  # evaluate may raise (Ctrl-C included): the model keeps its weights
+        scores = [score(s) for s in items]
+        order = sorted(range(len(items)), key=lambda i: (-sign * scores[i], i))
+        soup, kept, best = items[order[0]], [order[0]], scores[order[0]]
+        for i in order[1:]:
+            candidate = lerp_states(items[i], soup, len(kept) / (len(kept) + 1), keys)
+            s = score(candidate)
+            if sign * s > sign * best:
+                soup, best = candidate, s
+                kept.append(i)
+        load_merged(model, soup, bn_batches)
     return GreedySoup(kept, scores, best, {k: v.detach().clone() for k, v in model.state_dict().items()})

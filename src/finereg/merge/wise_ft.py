@@ -35,7 +35,16 @@ from torch import Tensor, nn
 
 from .._checks import FineregError, check_bool, check_number
 from ..weight.l2 import canonical_name
-from ._state import StateLike, aligned, as_state, floating_keys, frozen_keys, lerp_states, load_merged
+from ._state import (
+    StateLike,
+    aligned,
+    as_state,
+    floating_keys,
+    frozen_keys,
+    lerp_states,
+    load_merged,
+    restored_on_error,
+)
 
 __all__ = ["wise_ft", "wise_ft_sweep", "WiseFTSweep", "DEFAULT_ALPHAS"]
 
@@ -172,15 +181,16 @@ def wise_ft_sweep(
     results: list[dict[str, float]] = []
     best, best_state = None, None
     sign = 1.0 if maximize else -1.0
-    for a in alphas:
-        load_merged(model, _merge(s0, s1, a, keys, f, fisher_floor), bn_batches)
-        with torch.no_grad():
-            row = {"alpha": a, **_metrics(evaluate(model), select)}
-        results.append(row)
-        if best is None or sign * row["score"] > sign * best["score"]:  # the first α wins ties
-            best = row
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    with restored_on_error(model):  # evaluate may raise (Ctrl-C included): the model keeps its weights
+        for a in alphas:
+            load_merged(model, _merge(s0, s1, a, keys, f, fisher_floor), bn_batches)
+            with torch.no_grad():
+                row = {"alpha": a, **_metrics(evaluate(model), select)}
+            results.append(row)
+            if best is None or sign * row["score"] > sign * best["score"]:  # the first α wins ties
+                best = row
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best_state)
     return WiseFTSweep(alphas, results, best["alpha"], best_state)
 
 
@@ -193,7 +203,7 @@ def _metrics(value: float | Mapping[str, float], select: str | None) -> dict[str
                 f"(got select={select!r})"
             )
         row = {str(k): float(v) for k, v in value.items()}
-        row["score"] = row[select]
+        row["score"] = check_number(row[select], f"evaluate(model)[{select!r}]")  # NaN would never compare
         return row
     if isinstance(value, Tensor):
         value = value.item()
