@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from finereg.train.checkpoint import LAST, PREV, load_checkpoint
 from finereg.train.cli import main
@@ -173,3 +174,23 @@ def test_overwrite_refuses_what_it_cannot_remove_before_deleting_anything(tmp_pa
     err = capsys.readouterr().err
     assert "nothing was deleted" in err and "Traceback" not in err, err
     assert digest(run) == before and (run / LAST).is_file() and (run / PREV).is_file()
+
+
+@pytest.mark.parametrize(
+    "protocol", [[], ["--protocol", "real", "--epochs", "1", "-i", "2", "--sample-rate", "15", "--no-progress"]]
+)
+def test_a_fit_trains_to_the_same_weights_on_a_cold_and_a_warm_cache(tmp_path, capsys, protocol):
+    """The cache (the built-in source model, the frozen prefix's outputs) is checked, built or read outside the
+    run's random stream: a fresh cache and a full one give bit-identical weights."""
+    cache = tmp_path / "cache"
+    args = TINY if not protocol else protocol
+    weights = []
+    for n in range(2):  # the first run fills the empty cache, the second finds it
+        out = tmp_path / f"run{n}"
+        assert main(["fit", "--out", str(out), "--cache-dir", str(cache), *args]) == 0
+        weights.append(load_checkpoint(out)["model"])
+    assert any(cache.rglob("*.pt"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), [
+        k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])
+    ]

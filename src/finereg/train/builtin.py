@@ -146,13 +146,15 @@ def pretrain_source(log=print) -> tuple[dict, dict]:
 def pretrained_state(cache: str | os.PathLike | None = None, log=print) -> dict:
     """The built-in source model's state_dict, from the cache or trained now (and cached).
 
-    Under torch.distributed rank 0 trains and writes it while the other ranks wait.
+    Under torch.distributed rank 0 trains and writes it while the other ranks wait. The global random
+    generator is left as it was, cold cache or warm, so that a run's weights do not depend on the cache's state.
     """
     path = pretrained_path(cache)
-    if fdist.rank() == 0 and not _valid(path, log):
-        log(f"building the built-in pretrained source model (cached at {path}) ...")
-        state, info = pretrain_source(log)
-        atomic_save({"state_dict": state, "info": info}, path)
+    with torch.random.fork_rng(devices=[]):  # checking or building the cache draws nothing from the run's stream
+        if fdist.rank() == 0 and not _valid(path, log):
+            log(f"building the built-in pretrained source model (cached at {path}) ...")
+            state, info = pretrain_source(log)
+            atomic_save({"state_dict": state, "info": info}, path)
     fdist.barrier()
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

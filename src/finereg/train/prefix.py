@@ -85,7 +85,8 @@ def _cached(prefix: nn.Module, images: TensorImages, at: str, cache: Path, log: 
         except Exception:  # torch raises several types for a damaged file: compute it again
             log(f"cached prefix outputs {path} are unreadable; computing them again")
     if feats is None:
-        feats = _features(prefix, images)
+        with torch.random.fork_rng(devices=[]):  # computed or read, the run's random stream is the same
+            feats = _features(prefix, images)
         atomic_write(path, lambda f: torch.save(feats, f))
     if len(_MEMO) >= 8:
         _MEMO.pop(next(iter(_MEMO)))
