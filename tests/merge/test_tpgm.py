@@ -180,3 +180,18 @@ def test_errors():
     with pytest.raises(FineregError, match="yielded no batch"):
         TPGM(model, [], anchors=pre).fit(1)
     assert finereg.TPGM is TPGM
+
+
+def test_a_non_finite_validation_loss_changes_neither_the_radii_nor_the_weights():
+    pre, model = pretrained_and_finetuned()
+    (x, y), _ = val_batches()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    tpgm = TPGM(model, [(x, y), (bad, y)], anchors=pre)
+    tpgm.fit(1)
+    radii = tpgm.radii
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FineregError, match="validation loss of TPGM step 1 is nan"):
+        tpgm.project_(steps=1)
+    assert tpgm.radii == radii and all(torch.isfinite(torch.tensor(list(radii.values()))))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -168,6 +168,11 @@ class TPGM:
                 with torch.enable_grad():
                     out = functional_call(net, dict(zip(self.names, self._projected(base, disp, norms))), (x,))
                     loss = self.criterion(out, y)
+                    if not torch.isfinite(loss.detach()).all():  # an Adam step on it would make every radius NaN
+                        raise FineregError(
+                            f"the validation loss of TPGM step {len(losses) + 1} is {float(loss.detach())}: the "
+                            "radii and the model are left as they were; check the validation batches and the model"
+                        )
                     self.optimizer.zero_grad()
                     loss.backward()
                 self.optimizer.step()
@@ -179,6 +184,9 @@ class TPGM:
     @torch.no_grad()
     def apply_(self) -> None:
         """Project the model's weights in place with the current radii (clipped to the current weights)."""
+        if not torch.isfinite(self.gamma).all():
+            bad = [self.names[i] for i in torch.nonzero(~torch.isfinite(self.gamma)).flatten().tolist()]
+            raise FineregError(f"TPGM radii are not finite ({', '.join(bad[:4])}): the weights were not projected")
         base, disp, norms = self._geometry()
         self._clip(norms)
         torch._foreach_copy_(self._params, self._projected(base, disp, norms))
