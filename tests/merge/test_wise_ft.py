@@ -196,3 +196,17 @@ def test_sweep_refuses_a_nan_metric_in_a_mapping():
     with pytest.raises(FineregError, match=r"evaluate\(model\)\['val'\] must be a finite number, got nan"):
         wise_ft_sweep(model, theta0, model, lambda m: {"val": next(scores)}, alphas=(0, 0.5, 1), select="val")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_zero_floor_and_non_finite_fishers_are_refused():
+    m0, m1 = net(0), net(1)
+    zero = {"0.weight": torch.zeros(6, 4, dtype=torch.float64)}  # dead units: exact zeros in both Fishers
+    with pytest.raises(FineregError, match="fisher_floor must be a finite number > 0, got 0"):
+        wise_ft(m0, m1, 0.5, fishers=(zero, zero), fisher_floor=0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        f = {"0.weight": torch.ones(6, 4, dtype=torch.float64)}
+        f["0.weight"][2, 1] = bad
+        with pytest.raises(FineregError, match=r"fishers\[1\]\['0.weight'\] holds negative, NaN or infinite"):
+            wise_ft(m0, m1, 0.5, fishers=(zero, f))
+    out = wise_ft(m0, m1, 0.5, fishers=(zero, zero))  # the default floor: a plain average there
+    torch.testing.assert_close(out["0.weight"], (m0[0].weight + m1[0].weight).detach() / 2)

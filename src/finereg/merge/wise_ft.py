@@ -93,7 +93,7 @@ def _merge(
     """θ(α) over ``keys`` (aligned state dicts); other entries are θ1's."""
     if fishers is None:
         return lerp_states(s0, s1, alpha, keys)
-    floor = check_number(fisher_floor, "fisher_floor", low=0)
+    floor = check_number(fisher_floor, "fisher_floor", low=0, low_open=True)  # 0 gives 0/0 where both Fishers are 0
     f0, f1 = fishers
     one_sided = sorted((set(f0) ^ set(f1)) & set(keys))
     if one_sided:
@@ -120,6 +120,8 @@ def _fisher_for(reference: dict[str, Tensor], fisher: Mapping[str, Tensor], what
             raise FineregError(f"{what} has an entry {k!r} that the models do not have")
         if v.shape != reference[key].shape:
             raise FineregError(f"{what}[{k!r}] has shape {tuple(v.shape)}, the weight {tuple(reference[key].shape)}")
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            raise FineregError(f"{what}[{k!r}] holds negative, NaN or infinite values: a Fisher is finite and >= 0")
         out[key] = v.detach().to(device=reference[key].device, dtype=reference[key].dtype)
     return out
 
