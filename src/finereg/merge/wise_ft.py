@@ -66,7 +66,8 @@ def wise_ft(
         theta1: the fine-tuned model (module or state dict).
         alpha: α in [0, 1] (0: θ0, 1: θ1).
         fishers: ``(F0, F1)``, diagonal Fisher informations by parameter name, for the Fisher-weighted merge.
-        fisher_floor: f, the floor of the Fisher values (official 1e-8).
+        fisher_floor: f > 0, the floor of the Fisher values (official 1e-8; 0 would divide 0 by 0 where both
+            Fishers are 0).
     """
     alpha = check_number(alpha, "alpha", low=0, high=1)
     s1 = as_state(theta1, "theta1")
