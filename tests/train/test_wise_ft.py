@@ -79,3 +79,13 @@ def test_without_a_validation_split_every_alpha_is_reported_and_none_chosen(tmp_
     assert any("20 % holdout of the training features" in m for m in logs)  # θ0's probe: λ never on test
     assert [r["chosen"] for r in _rows(res.run_dir)] == [0.0, 0.0, 0.0]
     assert load_checkpoint(res.run_dir)["epoch"] == 1  # the run itself is untouched
+
+
+def test_overwrite_removes_the_previous_runs_wise_ft_results(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny_args = ["--out", str(run), "--epochs", "1", "-i", "2", "-b", "16", "--no-progress", "--sample-rate", "30"]
+    assert main(["fit", *tiny_args]) == 0
+    assert main(["wise-ft", str(run), "--alphas", "0,1"]) == 0
+    assert (run / "wise_ft.csv").is_file() and (run / "wise_ft.json").is_file()
+    assert main(["fit", *tiny_args, "--overwrite", "--method", "l2sp"]) == 0
+    assert not (run / "wise_ft.csv").exists() and not (run / "wise_ft.json").exists()  # another run's results

@@ -1,7 +1,8 @@
 """The life cycle of a run directory: new, resumed or overwritten, held exclusively by one process.
 
 A run directory holds what one :func:`~finereg.train.loop.fit` writes: ``last.pt`` / ``prev.pt`` (checkpoints),
-``metrics.csv``, ``metrics.jsonl``, ``config.json``, TensorBoard events in ``tb/`` and the marker ``.finereg-run``.
+``metrics.csv``, ``metrics.jsonl``, ``config.json``, ``wise_ft.csv`` / ``wise_ft.json`` (``finereg wise-ft``),
+TensorBoard events in ``tb/`` and the marker ``.finereg-run``.
 The contract:
 
 * **Nothing else is ever deleted.** A new run goes into a missing or empty directory, or into one that holds a
@@ -29,13 +30,24 @@ from pathlib import Path
 from .._checks import FineregError
 from .checkpoint import LAST, PREV, CheckpointError, find_checkpoint, load_checkpoint
 
-__all__ = ["RunDir", "RunDirError", "DirLock", "bench_dir", "MARKER", "BENCH_MARKER", "LOCK", "RUN_FILES"]
+__all__ = [
+    "RunDir",
+    "RunDirError",
+    "DirLock",
+    "bench_dir",
+    "MARKER",
+    "BENCH_MARKER",
+    "LOCK",
+    "RUN_FILES",
+    "WISE_FT_FILES",
+]
 
 MARKER = ".finereg-run"
 BENCH_MARKER = ".finereg-bench"
 LOCK = ".finereg-lock"
 CORRUPT = f"{LAST}.corrupt"
-RUN_FILES = (LAST, PREV, CORRUPT, "metrics.csv", "metrics.jsonl", "config.json", MARKER)
+WISE_FT_FILES = ("wise_ft.csv", "wise_ft.json")  # finereg wise-ft's results, which belong to the run
+RUN_FILES = (LAST, PREV, CORRUPT, "metrics.csv", "metrics.jsonl", "config.json", *WISE_FT_FILES, MARKER)
 TB = "tb"
 _TB_EVENTS = "events.out.tfevents."
 

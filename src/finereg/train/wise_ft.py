@@ -44,11 +44,11 @@ from .dist import _pick_device
 from .loop import FitConfig, _torch_state, evaluate
 from .metrics import write_text_atomic
 from .probe import probe_head
-from .run_dir import DirLock, RunDir
+from .run_dir import WISE_FT_FILES, DirLock, RunDir
 
 __all__ = ["WiseFTResult", "wise_ft_run", "CSV_NAME", "JSON_NAME"]
 
-CSV_NAME, JSON_NAME = "wise_ft.csv", "wise_ft.json"
+CSV_NAME, JSON_NAME = WISE_FT_FILES
 SELECT = "valid_top1"
 
 
