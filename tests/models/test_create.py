@@ -149,3 +149,17 @@ def test_hub_weights_offline_are_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # no cached file
     with pytest.raises(FineregError, match=r"could not fetch the pretrained weights of 'mobilenet_v3_small'.*URLError"):
         create_model("mobilenet_v3_small", pretrained=True)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "resnet18"])
+def test_num_classes_0_removes_the_torchvision_head_as_timm_does(arch):
+    m = create_model(arch, num_classes=0).eval()
+    with torch.no_grad():
+        out = m(torch.zeros(1, 3, 64, 64))
+    assert out.ndim == 2 and out.shape[1] > 0  # pooled features, not a 0-output head
+    assert not any(isinstance(x, nn.Linear) and x.out_features == 0 for x in m.modules())
+
+
+def test_in_chans_0_is_refused_on_the_timm_path():
+    with pytest.raises(FineregError, match="in_chans must be"):
+        create_model("resnet18d", in_chans=0)

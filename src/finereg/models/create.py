@@ -140,6 +140,8 @@ def _create_packaged(w: PackagedWeights, num_classes: int | None, kwargs: dict[s
 def _create_timm(arch: str, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
+    if "in_chans" in kwargs:
+        kwargs = {**kwargs, "in_chans": check_int(kwargs["in_chans"], "in_chans", low=1)}
     kw = dict(kwargs) if num_classes is None else {**kwargs, "num_classes": num_classes}
     try:
         return timm.create_model(arch, pretrained=pretrained, **kw)
@@ -153,19 +155,17 @@ def _create_torchvision(arch: str, pretrained: bool, num_classes: int | None, kw
     import torchvision
 
     if not pretrained:
-        kw = dict(kwargs) if num_classes is None else {**kwargs, "num_classes": num_classes}
-        return torchvision.models.get_model(arch, weights=None, **kw)
+        kw = dict(kwargs) if not num_classes else {**kwargs, "num_classes": num_classes}
+        model = torchvision.models.get_model(arch, weights=None, **kw)
+        if num_classes == 0:  # removed, as timm and the packaged path do (torchvision would build 0 outputs)
+            _new_head(model, 0)
+        return model
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kwargs)
     except OSError as e:
         raise _offline_error(arch, e) from None
-    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    head = model.get_submodule(name)
-    if num_classes is not None and num_classes != head.out_features:  # a new head, as timm does
-        parent, _, leaf = name.rpartition(".")
-        new = nn.Linear(head.in_features, num_classes) if num_classes else nn.Identity()
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    name = _new_head(model, num_classes)
     t = weights.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
     cfg = {
@@ -183,3 +183,15 @@ def _create_torchvision(arch: str, pretrained: bool, num_classes: int | None, kw
     }
     model.pretrained_cfg = model.default_cfg = cfg
     return model
+
+
+def _new_head(model: nn.Module, num_classes: int | None) -> str:
+    """Replace a torchvision model's classifier (its last ``nn.Linear``) by a new ``num_classes``-output one, as
+    timm does (``0``: removed, the model returns pooled features); returns the classifier's name."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    head = model.get_submodule(name)
+    if num_classes is not None and num_classes != head.out_features:
+        parent, _, leaf = name.rpartition(".")
+        new = nn.Linear(head.in_features, num_classes) if num_classes else nn.Identity()
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return name
