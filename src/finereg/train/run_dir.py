@@ -239,7 +239,7 @@ class RunDir:
             for p in self._old_run_files():  # every check first: nothing is deleted unless all of it can be
                 p.unlink()  # a link is removed as a link, never followed
             tb = self.path / TB
-            if tb.is_dir() and not tb.is_symlink() and not any(tb.iterdir()):
+            if tb.is_dir() and not any(tb.iterdir()):  # a linked tb/ was unlinked above
                 tb.rmdir()
         else:
             last = self.path / LAST
