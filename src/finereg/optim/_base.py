@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,16 +42,16 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor, nn
 
-from .._checks import FineregError
+from .._checks import FineregError, FineregTypeError, check_number
 from .._utils import close_matches, unwrap
 from ..weight.l2 import _anchor_tensors, canonical_name
+from ._state import ZERO, check_inner, checked_own, nonfinite
 
 __all__ = ["WrappedOptimizer", "Bucket", "tensor_dots"]
 
 # torch.optim's decorator of every step: no grad, with graph breaks around the update under torch.compile
 _use_grad = getattr(_torch_optimizer, "_use_grad_for_differentiable", torch.no_grad())
 
-ZERO = "zero"
 Anchors = None | str | Sequence[Tensor | None] | Mapping[str, Tensor] | nn.Module
 
 
@@ -75,6 +75,7 @@ class Bucket:
 
     group: dict
     kind: str
+    index: int = -1  # the group's position in param_groups
     params: list[Tensor] = field(default_factory=list)
     states: list[dict] = field(default_factory=list)
     anchors: list[Tensor] = field(default_factory=list)
@@ -94,6 +95,10 @@ def _patterns(value: Any, what: str) -> tuple[list[str], list[Tensor]]:
     """Split ``value`` (a glob, a tensor, or a sequence of both) into patterns and tensors."""
     if value is None:
         return [], []
+    if not isinstance(value, (str, Tensor, Iterable)):
+        raise FineregTypeError(
+            f"{what} must be glob patterns (like 'fc.*'), parameters, or a list of them, got {value!r}"
+        )
     items = [value] if isinstance(value, (str, Tensor)) else list(value)
     pats, tensors = [], []
     for it in items:
@@ -109,6 +114,12 @@ def _patterns(value: Any, what: str) -> tuple[list[str], list[Tensor]]:
 class WrappedOptimizer(torch.optim.Optimizer):
     """Base of the wrappers (see the module docstring). Subclasses pass ``hyper`` (group key → default) and
     implement ``_before(buckets)`` (returns what ``_after`` needs) and ``_after(buckets, context)``."""
+
+    #: keys of the per-parameter state holding a tensor of the parameter's shape (checked by ``load_state_dict``)
+    _param_state: tuple[str, ...] = ("anchor",)
+    #: keys holding a floating 0-d tensor, and keys holding an int
+    _scalar_state: tuple[str, ...] = ()
+    _int_state: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -136,6 +147,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
             raise FineregError(f"model must be the nn.Module being trained, got {type(model).__name__}")
         self.optimizer = optimizer
         self._raw_inner_step = inspect.unwrap(type(optimizer).step)  # without torch.optim's hooks and graph breaks
+        closure = inspect.signature(self._raw_inner_step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise FineregError(
+                f"{name} cannot wrap {type(optimizer).__name__}: its step() needs a closure that re-evaluates the "
+                f"loss several times per step, while {name} works around one gradient and one update per step. "
+                "Wrap an optimizer that steps on the gradient it is given (SGD, Adam, AdamW ...)"
+            )
         self._key = f"finereg.{name}"
         # torch.optim.Optimizer's own set-up (hooks, step profiling) on the inner optimizer's group dicts: the
         # wrapper's hyper-parameters become keys of those dicts, and the list itself is shared.
@@ -144,12 +162,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._wrapping = False
         self.param_groups = optimizer.param_groups
         self._excluded: set[int] = set()
+        self._allow_zero = allow_zero
         self._zero = isinstance(anchors, str)
         if self._zero and (anchors != ZERO or not allow_zero):
             raise FineregError(
                 f"anchors must be None (the values when wrapped), a list of tensors, a model or a state dict"
                 f"{', or ' + repr(ZERO) if allow_zero else ''}, got {anchors!r}"
             )
+        for i, g in enumerate(self.param_groups):
+            self._check_group(g, f"param_groups[{i}]")
         self._init_anchors(anchors, model, exclude, new_params)
 
     # ---------------------------------------------------------------------------------------- anchors
@@ -226,6 +247,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
             if id(p) in new:
                 a = None
             if isinstance(a, Tensor):
+                if a.is_meta:
+                    raise FineregError(
+                        f"the anchor of {names[i] or f'parameter {i}'} is on the meta device (it has no values): "
+                        "load the pretrained weights (e.g. model.to_empty(device=...) then load_state_dict) before "
+                        "wrapping the optimizer, or pass anchors with values"
+                    )
                 if a.shape != p.shape:
                     bad.append(f"{names[i] or f'parameter {i}'}: parameter {tuple(p.shape)} vs anchor {tuple(a.shape)}")
                     continue
@@ -237,6 +264,14 @@ class WrappedOptimizer(torch.optim.Optimizer):
             raise FineregError(
                 "anchor shapes differ from the parameters':\n  " + "\n  ".join(bad) + "\nA replaced layer (a new "
                 "classifier head) is new: leave it out of the anchors, or name it in new_params / exclude"
+            )
+        held = [(i, a) for i, p in enumerate(params) if isinstance(a := self.state.get(p, {}).get("anchor"), Tensor)]
+        bad_i = [held[j][0] for j in nonfinite([a for _, a in held])]
+        if bad_i:
+            which = ", ".join(names[i] or f"parameter {i}" for i in bad_i[:6]) + (" ..." if len(bad_i) > 6 else "")
+            raise FineregError(
+                f"anchors must be finite: the anchor of {which} holds NaN or inf (in the parameter's dtype); "
+                "every step would pull the weights towards it. Check the pretrained weights you pass as anchors"
             )
 
     @property
@@ -256,6 +291,17 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _hyper(self, group: dict, key: str) -> Any:
         return group.get(key, self.defaults[key])
 
+    def _check_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Every hyper-parameter of the wrapper that ``group`` sets is a finite number >= 0."""
+        for key in self.defaults:
+            if key != "differentiable" and key in group:
+                check_number(group[key], f"{where}[{key!r}]", low=0)
+
+    def _check_groups(self) -> None:
+        """The groups' hyper-parameters, checked at each step (a group may have been edited since)."""
+        for i, g in enumerate(self.param_groups):
+            self._check_group(g, f"param_groups[{i}]")
+
     def _buckets(self) -> list[Bucket]:
         """The wrapper's parameters that have a gradient, bucketed."""
         out: dict[tuple, Bucket] = {}
@@ -265,7 +311,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                     continue
                 a = self._anchor_of(p)
                 kind = "none" if a is None else "zero" if isinstance(a, str) else "tensor"
-                b = out.setdefault((gi, p.device, p.dtype, kind), Bucket(g, kind))
+                b = out.setdefault((gi, p.device, p.dtype, kind), Bucket(g, kind, gi))
                 b.params.append(p)
                 b.states.append(self.state[p])
                 if kind == "tensor":
@@ -286,6 +332,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         called (its step hooks do not run), inside torch.optim's own no-grad wrapper (its graph breaks make the
         update an inference graph), so that inductor fuses the wrapper's element-wise work into the inner update.
         """
+        self._check_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -306,6 +353,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
         """Add a group to the inner optimizer; its parameters are anchored at their values when they first step."""
         if getattr(self, "_wrapping", False):  # torch.optim.Optimizer.__init__ adding the inner groups themselves
             return super().add_param_group(param_group)
+        if isinstance(param_group, Mapping):
+            self._check_group(param_group, "the new param group")
         self.optimizer.add_param_group(param_group)
         self.param_groups = self.optimizer.param_groups
         for k, v in self.defaults.items():
@@ -323,7 +372,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the inner optimizer and the wrapper (θ0, and every piece of the wrapper's state)."""
+        """Restore the inner optimizer and the wrapper (θ0, and every piece of the wrapper's state).
+
+        Everything is checked before anything changes (a refused state dict leaves the wrapper and the inner
+        optimizer as they were): the wrapper's entry (parameter indices, the shape, dtype and finiteness of θ0 and
+        of every state tensor), the param groups (their number and sizes, the wrapper's hyper-parameters) and, for
+        torch's element-wise optimizers, the shapes and finiteness of the inner state."""
         if not isinstance(state_dict, Mapping) or self._key not in state_dict:
             found = (
                 [k for k in state_dict if isinstance(k, str) and k.startswith("finereg.")]
@@ -334,31 +388,19 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 f"state_dict has no {self._key!r} entry: it was not saved by {type(self).__name__}.state_dict()"
                 + (f" (it holds {found})" if found else " (a plain optimizer's state dict?)")
             )
-        rest = {k: v for k, v in state_dict.items() if k != self._key}
-        own = state_dict[self._key]
-        self.optimizer.load_state_dict(rest)
-        self.param_groups = self.optimizer.param_groups
         params = self._flat_params()
-        bad = [i for i in own["state"] if not 0 <= int(i) < len(params)]
-        if bad:
-            raise FineregError(f"state_dict holds state for parameter indices {bad}; the optimizer has {len(params)}")
-        self._zero = bool(own.get("zero", False))
+        zero, loaded = checked_own(self, state_dict[self._key], params)
+        check_inner(self, state_dict, params)
+        rest = {k: v for k, v in state_dict.items() if k != self._key}
+        self.optimizer.load_state_dict(rest)  # a wrapper checks its own part first; torch checks before it writes
+        self.param_groups = self.optimizer.param_groups
+        self._zero = zero
         for p in params:
             self.state.pop(p, None)
-        for i, st in own["state"].items():
-            p = params[int(i)]
-            self.state[p] = {k: _to_param(v, p) for k, v in st.items()}
+        for i, st in loaded.items():
+            self.state[params[i]] = st
 
     def __repr__(self) -> str:
         inner = repr(self.optimizer).replace("\n", "\n  ")
         hyper = ", ".join(f"{k}={v}" for k, v in self.defaults.items())
         return f"{type(self).__name__}({hyper},\n  {inner})"
-
-
-def _to_param(value: Any, p: Tensor) -> Any:
-    """A loaded state value on the parameter's device (floating tensors in its dtype), as a fresh tensor."""
-    if not isinstance(value, Tensor):
-        return value
-    if value.is_floating_point():
-        return value.to(device=p.device, dtype=p.dtype, copy=True)
-    return value.to(device=p.device, copy=True)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_number
+from .._checks import FineregError, check_number
 from ._base import Anchors, Bucket, WrappedOptimizer
 
 __all__ = ["DecoupledL2SP"]
@@ -76,18 +76,34 @@ class DecoupledL2SP(WrappedOptimizer):
         )
 
     def _before(self, buckets: list[Bucket]) -> None:
-        for b in buckets:
+        plan = []
+        for b in buckets:  # every weight checked before any is written
             lr = b.group["lr"]
+            key = "l2sp_alpha" if b.kind == "tensor" else "l2sp_beta"
+            w = lr * self._hyper(b.group, key)
+            if not isinstance(w, torch.Tensor) and w > 1:
+                raise FineregError(_overshoot(b.index, lr, key, self._hyper(b.group, key), w))
+            plan.append((b, w))
+        for b, w in plan:
+            if not isinstance(w, torch.Tensor) and w == 0:
+                continue
             if b.kind == "tensor":
-                w = lr * self._hyper(b.group, "l2sp_alpha")
-                if not isinstance(w, torch.Tensor) and w == 0:
-                    continue
                 torch._foreach_lerp_(b.params, b.anchors, w)
             else:
-                w = lr * self._hyper(b.group, "l2sp_beta")
-                if not isinstance(w, torch.Tensor) and w == 0:
-                    continue
                 torch._foreach_mul_(b.params, 1 - w)
 
     def _after(self, buckets: list[Bucket], context: Any) -> None:
         return None
+
+
+def _overshoot(index: int, lr: float, key: str, value: float, w: float) -> str:
+    if key == "l2sp_alpha":
+        return (
+            f"param_groups[{index}]: lr·alpha = {lr:g}·{value:g} = {w:g} > 1: the decoupled pull "
+            "θ ← θ − lr·α·(θ − θ0) would step past θ0 (to its other side; away from it once lr·α > 2). Lower "
+            "alpha (l2sp_alpha) so that lr·alpha <= 1: it is per unit of learning rate, as AdamW's weight_decay"
+        )
+    return (
+        f"param_groups[{index}]: lr·beta = {lr:g}·{value:g} = {w:g} > 1: the decay θ ← (1 − lr·β)·θ of the "
+        "parameters without an anchor would flip their sign. Lower beta (l2sp_beta) so that lr·beta <= 1"
+    )

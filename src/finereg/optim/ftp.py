@@ -65,6 +65,10 @@ class FTP(WrappedOptimizer):
                                 exclude=["fc.*"])
     """
 
+    _param_state = ("anchor", "scaled_displacement")
+    _scalar_state = ("gamma", "exp_avg", "exp_avg_sq")
+    _int_state = ("step",)
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,

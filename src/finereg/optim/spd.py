@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import check_number
+from .._checks import FineregError, check_number
 from ._base import Anchors, Bucket, WrappedOptimizer, tensor_dots
 
 __all__ = ["SPD"]
@@ -83,6 +83,7 @@ class SPD(WrappedOptimizer):
         return out
 
     def _after(self, buckets: list[Bucket], context: list[tuple | None]) -> None:
+        plan = []
         for b, ctx in zip(buckets, context):
             if ctx is None:
                 continue
@@ -92,5 +93,20 @@ class SPD(WrappedOptimizer):
             after = torch.stack(torch._foreach_norm(d))
             ratio = torch.where(after > 0, (after - before) / after, 0.0).clamp(0.0, 1.0)
             coef = ratio.mul_(selected.to(ratio.dtype)).mul_(-lam)
+            if not isinstance(lam, torch.Tensor) and lam > 2:  # r <= 1: only λ > 2 can give λ·r > 2 (a sync then)
+                worst = float(coef.min()) if len(coef) else 0.0
+                if -worst > 2:
+                    raise FineregError(_reversed(b.index, lam, -worst))
+            plan.append((b, d, coef))
+        for b, d, coef in plan:  # every bucket checked before any is written
             torch._foreach_mul_(d, list(coef.unbind()))
             torch._foreach_add_(b.params, d)
+
+
+def _reversed(index: int, lam: float, worst: float) -> str:
+    return (
+        f"SPD's projection θ ← θ̃ − λ·r·(θ̃ − θ0) would push a parameter of param_groups[{index}] away from θ0: "
+        f"λ·r = {worst:.4g} > 2 (λ = spd_weight_decay = {lam:g}, r = the tensor's growth ratio this step, in "
+        "[0, 1]) reverses the pull. The weights hold the inner optimizer's step, not projected. Lower "
+        "spd_weight_decay: with λ <= 2 the pull is never reversed"
+    )
