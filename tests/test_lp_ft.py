@@ -103,3 +103,75 @@ def test_errors():
     with pytest.raises(FineregError, match="select must be"):
         fit_linear_probe(x, y, select="auc")
     assert finereg.fit_linear_probe is fit_linear_probe
+
+
+class Doubled(nn.Module):
+    """A parametrization with a right_inverse: weight = 2·original."""
+
+    def forward(self, w):
+        return 2 * w
+
+    def right_inverse(self, w):
+        return w / 2
+
+
+def test_load_into_writes_through_an_invertible_parametrization():
+    """The weight of a parametrized head was left unloaded (the copy went into a computed tensor)."""
+    from torch.nn.utils import parametrize
+
+    x, y = clusters()
+    probe = fit_linear_probe(x, y, *clusters(seed=1))
+    head = nn.Linear(10, 4).double()
+    parametrize.register_parametrization(head, "weight", Doubled())
+    probe.load_into(head)
+    torch.testing.assert_close(head.weight, probe.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), probe.logits(x))
+
+
+@pytest.mark.parametrize(
+    "reparam, match",
+    [
+        (lambda h: finereg.freeze(h, "weight", [0]), r"head\.weight is parametrized \(PartialFreeze\).*unfreeze"),
+        (lambda h: finereg.freeze(h, "bias", [1]), r"head\.bias is parametrized \(PartialFreeze\)"),
+        (lambda h: finereg.standardize(h, linear=True), r"WeightStandardization.*mean 0.*bake"),
+    ],
+    ids=["frozen-weight", "frozen-bias", "standardized"],
+)
+def test_load_into_a_frozen_or_standardized_head_is_refused_and_writes_nothing(reparam, match):
+    x, y = clusters()
+    probe = fit_linear_probe(x, y, *clusters(seed=1))
+    head = nn.Linear(10, 4).double()
+    reparam(head)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(FineregError, match=match):
+        probe.load_into(head)
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bad_features_and_labels_are_named():
+    """NaN features were reported as constant ones, NaN validation features chose λ on NaN scores, out-of-range
+    validation labels reached torch's IndexError, a single class was accepted."""
+    x, y = clusters()
+    xv, yv = clusters(seed=1)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(FineregError, match=r"features hold NaN or inf in 1 row\(s\) \(first: \[3\]\)"):
+        fit_linear_probe(bad, y, xv, yv)
+    bad_v = xv.clone()
+    bad_v[5:7, 0] = float("inf")
+    with pytest.raises(FineregError, match=r"val_features hold NaN or inf in 2 row\(s\)"):
+        fit_linear_probe(x, y, bad_v, yv)
+    with pytest.raises(FineregError, match=r"val_labels must be in 0\.\.3 like labels, got range \[0, 4\]"):
+        fit_linear_probe(x, y, xv, torch.where(yv == 3, 4, yv))
+    with pytest.raises(FineregError, match=r"labels hold a single class \(2\).*num_classes="):
+        fit_linear_probe(x, torch.full_like(y, 2))
+    assert fit_linear_probe(x, torch.full_like(y, 2), xv, yv, num_classes=4).weight.shape == (4, 10)
+
+
+def test_batchnorm_eval_of_a_non_module_is_a_clear_error():
+    from finereg._checks import FineregTypeError
+
+    with pytest.raises(FineregTypeError, match="model must be an nn.Module, got str"):
+        batchnorm_eval_("model")

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
-from ._checks import FineregError, check_bool, check_choice, check_int, check_number
+from ._checks import FineregError, check_bool, check_choice, check_int, check_number, check_type
 from ._logreg import check_grid, fit_logreg, l2_path, stratified_split
 
 __all__ = ["fit_linear_probe", "LinearProbe", "batchnorm_eval_", "DEFAULT_PROBE_L2_GRID"]
@@ -55,21 +56,62 @@ class LinearProbe:
 
     @torch.no_grad()
     def load_into(self, head: nn.Linear) -> nn.Linear:
-        """Copy the probe into ``head`` (an ``nn.Linear`` with a bias, of the probe's shape); returns it."""
+        """Copy the probe into ``head`` (an ``nn.Linear`` with a bias, of the probe's shape); returns it.
+
+        A parametrized weight or bias is written through its parametrizations when each has a ``right_inverse``
+        that reproduces the probe; a partly frozen (:func:`finereg.reparam.freeze`) or weight-standardized
+        (:func:`finereg.standardize`) one cannot hold the probe and is refused before anything is written."""
         if not isinstance(head, nn.Linear) or head.bias is None:
             raise FineregError(f"head must be an nn.Linear with a bias, got {head!r}")
         if head.weight.shape != self.weight.shape:
             raise FineregError(
                 f"head has shape {tuple(head.weight.shape)} (classes, features), the probe {tuple(self.weight.shape)}"
             )
-        head.weight.copy_(self.weight)
-        head.bias.copy_(self.bias)
+        writes = [_write_plan(head, name, value) for name, value in (("weight", self.weight), ("bias", self.bias))]
+        for target, value in writes:  # every check passed: now write
+            target.copy_(value)
         return head
 
     def to_linear(self) -> nn.Linear:
         """A new ``nn.Linear`` holding the probe."""
         head = nn.Linear(self.weight.shape[1], self.weight.shape[0], device=self.weight.device, dtype=self.weight.dtype)
         return self.load_into(head)
+
+
+def _write_plan(head: nn.Linear, name: str, value: Tensor) -> tuple[Tensor, Tensor]:
+    """(the tensor to copy into, the value) that makes ``head.<name>`` equal ``value``; through the
+    parametrizations of a parametrized tensor (checked: their forward must give ``value`` back)."""
+    if not parametrize.is_parametrized(head, name):
+        return getattr(head, name), value
+    plist = head.parametrizations[name]
+    kinds = [type(m).__name__ for m in plist]
+    raw = value.to(plist.original)
+    for m in reversed(list(plist)):
+        if not hasattr(m, "right_inverse"):
+            raw = None
+            break
+        raw = m.right_inverse(raw)
+        if not isinstance(raw, Tensor):
+            raw = None
+            break
+    if raw is not None and raw.shape == plist.original.shape:
+        out = raw
+        for m in plist:
+            out = m(out)
+        if torch.allclose(out, value.to(out), rtol=1e-5, atol=1e-6):
+            return plist.original, raw
+    fixes = {
+        "PartialFreeze": f"load the probe before freezing, or finereg.unfreeze(head, {name!r}) first",
+        "WeightStandardization": "a standardized weight has mean 0 and a fixed scale per class, which the probe's "
+        "does not: load the probe before standardize(), or finereg.bake(head) first",
+    }
+    how = "; ".join(fixes[k] for k in dict.fromkeys(kinds) if k in fixes) or (
+        "remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
+    )
+    raise FineregError(
+        f"head.{name} is parametrized ({', '.join(kinds)}): the probe's {name} cannot be written through it and "
+        f"nothing was loaded; {how}"
+    )
 
 
 def _labels(y: Tensor, n: int, what: str) -> Tensor:
@@ -110,6 +152,12 @@ def fit_linear_probe(
     y = _labels(labels, len(features), "labels")
     if (val_features is None) != (val_labels is None):
         raise FineregError("give both val_features and val_labels, or neither")
+    _finite(features, "features")
+    if num_classes is None and len(y) and torch.unique(y).numel() < 2:
+        raise FineregError(
+            f"labels hold a single class ({int(y[0])}): a probe needs two classes at least; pass num_classes= "
+            "if this split lacks the others"
+        )
     n_classes = check_int(num_classes, "num_classes", low=2) if num_classes is not None else int(y.max()) + 1
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise FineregError(f"labels must be in 0..{n_classes - 1}, got range [{int(y.min())}, {int(y.max())}]")
@@ -135,8 +183,15 @@ def fit_linear_probe(
     else:
         if not isinstance(val_features, Tensor) or val_features.dim() != 2 or val_features.shape[1] != x.shape[1]:
             raise FineregError(f"val_features must be a (M, {x.shape[1]}) tensor like features")
-        x_tr, y_tr = std(x), y
-        x_va, y_va = std(val_features), _labels(val_labels, len(val_features), "val_labels").to(x.device)
+        _finite(val_features, "val_features")
+        y_va = _labels(val_labels, len(val_features), "val_labels").to(x.device)
+        if len(y_va) and (int(y_va.min()) < 0 or int(y_va.max()) >= n_classes):
+            raise FineregError(
+                f"val_labels must be in 0..{n_classes - 1} like labels, got range [{int(y_va.min())}, "
+                f"{int(y_va.max())}]"
+                + ("; pass num_classes= if the training split lacks classes" if num_classes is None else "")
+            )
+        x_tr, y_tr, x_va = std(x), y, std(val_features)
     path = l2_path(x_tr, y_tr, x_va, y_va, n_classes, grid, max_iter, bias=True)
     key = (lambda p: -p.accuracy) if select == "accuracy" else (lambda p: p.nll)
     best = min(path, key=key)  # path runs strongest λ first: min keeps the first of equal scores
@@ -148,9 +203,20 @@ def fit_linear_probe(
     return LinearProbe(weight.contiguous(), bias, best.l2, rows, best.accuracy)
 
 
+def _finite(x: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x.detach()).all(dim=1)
+    if bad.any():
+        rows = torch.nonzero(bad).flatten().tolist()
+        raise FineregError(
+            f"{what} hold NaN or inf in {len(rows)} row(s) (first: {rows[:5]}): compute them again, or drop those "
+            "samples"
+        )
+
+
 def batchnorm_eval_(model: nn.Module) -> int:
     """Put every BatchNorm layer of ``model`` in eval mode (running statistics used, not updated); returns how
     many. ``model.train()`` turns them back: call this after it (LP-FT's stage 2 option)."""
+    check_type(model, "model", nn.Module, "an nn.Module")
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     for m in bns:
         m.eval()
