@@ -81,3 +81,47 @@ def test_errors():
         fisher_diagonal(model(), data(), labels="true")
     with pytest.raises(FineregError, match="no sample"):
         fisher_diagonal(model(), [])
+
+
+class Pair(nn.Module):
+    """Returns (logits, features): a tuple, not logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4).double()
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
+@pytest.mark.parametrize("labels", ["sampled", "given"])
+def test_user_errors_are_named(labels):
+    """A tuple output, an empty batch, NaN inputs and (given) out-of-range labels raised torch's own errors."""
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FineregError, match="one tensor, got a tuple"):
+        fisher_diagonal(Pair(), [(x, y)], labels=labels)
+    lin = nn.Linear(3, 4).double()
+    with pytest.raises(FineregError, match=r"batch 1 has no sample \(inputs of shape \(0, 3\)\)"):
+        fisher_diagonal(lin, [(x, y), (x[:0], y[:0])], labels=labels)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(FineregError, match="batch 0's inputs hold NaN or inf"):
+        fisher_diagonal(lin, [(bad, y)], labels=labels)
+
+
+def test_given_labels_out_of_range_are_named():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lin = nn.Linear(3, 4).double()
+    with pytest.raises(FineregError, match=r"batch 0's labels must be 4 class indices in 0\.\.3.*got range \[-1, 7\]"):
+        fisher_diagonal(lin, [(x, torch.tensor([0, 7, -1, 2]))], labels="given")
+
+
+def test_non_finite_weights_give_an_error_not_a_nan_fisher():
+    lin = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FineregError, match="outputs on batch 0 hold NaN"):
+        fisher_diagonal(lin, [(x, y)])
+    with pytest.raises(FineregError, match="the Fisher holds NaN or inf"):
+        fisher_diagonal(lin, [(x, y)], labels="given")

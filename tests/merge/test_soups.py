@@ -102,3 +102,9 @@ def test_greedy_soup_refuses_a_nan_metric_in_a_mapping():
     scores = iter([0.5, float("nan"), 0.4])
     with pytest.raises(FineregError, match="must be a finite number, got nan"):
         greedy_soup(net(9), [net(s) for s in range(3)], lambda m: {"val": next(scores)}, select="val")
+
+
+def test_a_generator_of_ingredients_is_a_clear_error():
+    with pytest.raises(FineregError, match=r"list \(or tuple\).*got generator: pass list\(...\)"):
+        uniform_soup(net(i) for i in range(2))
+    torch.testing.assert_close(uniform_soup((net(0), net(0)))["0.weight"], net(0)[0].weight.detach())

@@ -195,3 +195,18 @@ def test_a_non_finite_validation_loss_changes_neither_the_radii_nor_the_weights(
         tpgm.project_(steps=1)
     assert tpgm.radii == radii and all(torch.isfinite(torch.tensor(list(radii.values()))))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_non_scalar_criterion_is_a_clear_error():
+    pre, model = pretrained_and_finetuned()
+    tpgm = TPGM(model, val_batches(), anchors=pre, criterion=lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    with pytest.raises(FineregError, match=r"criterion must return a scalar loss tensor, got shape \(32,\)"):
+        tpgm.fit(1)
+
+
+def test_a_one_shot_generator_asks_for_a_re_iterable():
+    """It said "yielded no batch" after yielding two."""
+    pre, model = pretrained_and_finetuned()
+    tpgm = TPGM(model, (b for b in val_batches()), anchors=pre)
+    with pytest.raises(FineregError, match=r"ran out after 2 batch\(es\).*one-shot.*re-iterable"):
+        tpgm.fit(3)

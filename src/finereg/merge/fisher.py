@@ -63,26 +63,43 @@ def fisher_diagonal(
 
     def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(net, (p, buffers), (x.unsqueeze(0),))
-        return F.cross_entropy(out, y.unsqueeze(0))
+        return F.cross_entropy(_logits(out), y.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
     names = list(params)
     total = torch.zeros(sum(p.numel() for p in params.values()), device=device, dtype=torch.float64)
     count = 0
+    n_classes = None
     was_training = net.training
     net.eval()
     try:
-        for batch in batches:
+        for k, batch in enumerate(batches):
             if not (isinstance(batch, (list, tuple)) and len(batch) >= (2 if labels == "given" else 1)):
                 raise FineregError("batches must yield (inputs, labels, ...) tuples")
+            if not isinstance(batch[0], Tensor) or batch[0].dim() == 0 or not len(batch[0]):
+                raise FineregError(
+                    f"batch {k} has no sample (inputs {_shape(batch[0])}): every batch needs inputs of shape "
+                    "(samples >= 1, ...); drop empty batches"
+                )
             x = batch[0].to(device)
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise FineregError(f"batch {k}'s inputs hold NaN or inf: the Fisher would be NaN; clean the data")
             if labels == "given":
                 y = torch.as_tensor(batch[1]).to(device).long()
+                if n_classes is None:
+                    with torch.no_grad():
+                        n_classes = _logits(net(x[:1])).shape[1]
+                if y.shape != (len(x),) or int(y.min()) < 0 or int(y.max()) >= n_classes:
+                    got = f"range [{int(y.min())}, {int(y.max())}]" if y.dim() == 1 and len(y) else _shape(y)
+                    raise FineregError(
+                        f"batch {k}'s labels must be {len(x)} class indices in 0..{n_classes - 1} (the model has "
+                        f"{n_classes} outputs), got {got}"
+                    )
             else:
                 with torch.no_grad():
-                    logits = net(x)
-                if logits.dim() != 2:
-                    raise FineregError(f"the model must return (batch, classes) logits, got {tuple(logits.shape)}")
+                    logits = _logits(net(x))
+                if not torch.isfinite(logits).all():
+                    raise FineregError(f"the model's outputs on batch {k} hold NaN or inf: no label can be sampled")
                 y = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator).view(-1)
             g = per_sample(params, x, y)
             flat = torch.cat([g[n].reshape(len(x), -1) for n in names], dim=1)  # (samples, all weights)
@@ -92,6 +109,23 @@ def fisher_diagonal(
         net.train(was_training)
     if count == 0:
         raise FineregError("batches yielded no sample")
+    if not torch.isfinite(total).all():
+        raise FineregError("the Fisher holds NaN or inf: the model's weights or outputs are not finite")
     total /= count
     sizes = [params[n].numel() for n in names]
     return {n: t.view_as(params[n]).to(params[n].dtype) for n, t in zip(names, torch.split(total, sizes))}
+
+
+def _logits(out: object) -> Tensor:
+    """The model's output, checked to be (batch, classes) logits."""
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        got = f"a {type(out).__name__}" if not isinstance(out, Tensor) else f"shape {tuple(out.shape)}"
+        raise FineregError(
+            f"the model must return (batch, classes) logits as one tensor, got {got}: wrap it in a module whose "
+            "forward returns the logits only (e.g. model(x)[0])"
+        )
+    return out
+
+
+def _shape(t: object) -> str:
+    return f"of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"a {type(t).__name__}"

@@ -30,6 +30,11 @@ __all__ = ["uniform_soup", "greedy_soup", "GreedySoup"]
 
 
 def _ingredients(states: Sequence[StateLike]) -> list[dict[str, Tensor]]:
+    if not isinstance(states, (nn.Module, Mapping, Sequence)) or isinstance(states, (str, bytes)):
+        raise FineregError(
+            f"states must be a list (or tuple) of models or state dicts (the soup's ingredients), got "
+            f"{type(states).__name__}" + (": pass list(...) of it" if isinstance(states, Iterable) else "")
+        )
     if isinstance(states, (nn.Module, Mapping)) or not len(states):
         raise FineregError("states must be a non-empty list of models or state dicts (the soup's ingredients)")
     first = as_state(states[0], "states[0]")

@@ -81,6 +81,7 @@ class TPGM:
         self.model = model
         self._val = val_batches
         self._it = None
+        self._yielded = 0  # batches drawn so far
         self.norm = check_choice(norm, "norm", NORMS)
         self.criterion = criterion if criterion is not None else F.cross_entropy
         net = unwrap(model)
@@ -135,13 +136,21 @@ class TPGM:
         if self._it is None:
             self._it = iter(self._val)
         try:
-            return next(self._it)
+            batch = next(self._it)
         except StopIteration:
             self._it = iter(self._val)
             try:
-                return next(self._it)
+                batch = next(self._it)
             except StopIteration:
+                if self._yielded:
+                    raise FineregError(
+                        f"val_batches ran out after {self._yielded} batch(es) and cannot start again: it is a "
+                        f"one-shot iterator ({type(self._val).__name__}); TPGM cycles its validation data, so give "
+                        "a re-iterable (a list of batches or a DataLoader)"
+                    ) from None
                 raise FineregError("val_batches yielded no batch") from None
+        self._yielded += 1
+        return batch
 
     # ------------------------------------------------------------------------------------------- API
     def fit(self, steps: int) -> list[float]:
@@ -168,6 +177,11 @@ class TPGM:
                 with torch.enable_grad():
                     out = functional_call(net, dict(zip(self.names, self._projected(base, disp, norms))), (x,))
                     loss = self.criterion(out, y)
+                    if not isinstance(loss, Tensor) or loss.numel() != 1:
+                        got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+                        raise FineregError(
+                            f"criterion must return a scalar loss tensor, got {got}: reduce it (e.g. reduction='mean')"
+                        )
                     if not torch.isfinite(loss.detach()).all():  # an Adam step on it would make every radius NaN
                         raise FineregError(
                             f"the validation loss of TPGM step {len(losses) + 1} is {float(loss.detach())}: the "
