@@ -21,6 +21,8 @@ SUBPACKAGES = [
     "finereg.models",
     # trainer integrations (issue 12); the trainers themselves are imported on demand
     "finereg.integrations",
+    # CIFAR-10-C corruptions (numpy only at import; the image libraries are imported on demand)
+    "finereg.corruptions",
 ]
 
 
