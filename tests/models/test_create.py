@@ -163,3 +163,27 @@ def test_num_classes_0_removes_the_torchvision_head_as_timm_does(arch):
 def test_in_chans_0_is_refused_on_the_timm_path():
     with pytest.raises(FineregError, match="in_chans must be"):
         create_model("resnet18d", in_chans=0)
+
+
+def test_in_chans_on_a_torchvision_architecture_is_a_clear_error():
+    with pytest.raises(FineregError, match=r"'alexnet' is a torchvision architecture, which takes no in_chans"):
+        create_model("alexnet", in_chans=1)
+    with pytest.raises(FineregError, match=r"torchvision's 'alexnet' does not take.*colour"):
+        create_model("alexnet", colour=True)
+
+
+@pytest.mark.parametrize(
+    "arch, pretrained, match",
+    [
+        ("resnet18d", False, r"'resnet18d' is not an architecture of the installed packages, and timm is not"),
+        ("efficientnet_lite0", True, r"packaged weights of 'efficientnet_lite0' load into timm's network"),
+    ],
+)
+def test_a_missing_timm_says_what_to_install(monkeypatch, arch, pretrained, match):
+    """It was reported as an unknown architecture, with no pip install."""
+    from finereg._checks import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails
+    with pytest.raises(MissingDependencyError, match=match + r".*pip install timm"):
+        create_model(arch, pretrained=pretrained)
+    assert create_model("mobilenet_v3_small", num_classes=3).classifier[-1].out_features == 3  # torchvision's

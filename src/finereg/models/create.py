@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._checks import FineregError, check_bool, check_int
+from .._checks import FineregError, MissingDependencyError, check_bool, check_int
 from .._utils import unknown_name_error
 from .efficientnet_keys import convert_efficientnet_state
 from .packaged import PACKAGED, PackagedWeights
@@ -66,10 +66,14 @@ def create_model(arch: str, pretrained: bool = False, num_classes: int | None = 
         return _create_timm(arch, pretrained, num_classes, kwargs)
     if _is_torchvision(arch):
         return _create_torchvision(arch, pretrained, num_classes, kwargs)
-    hint = "(see finereg.models.list_models())"
-    if not _has("timm") and not _has("torchvision"):
-        hint += "; timm and torchvision are not installed: pip install 'finereg[vision]'"
-    raise unknown_name_error("architecture", arch, list_models(), hint=hint)
+    if not _has("timm"):
+        missing = "timm is" if _has("torchvision") else "timm and torchvision are"
+        raise MissingDependencyError(
+            f"{arch!r} is not an architecture of the installed packages, and {missing} not installed (timm provides "
+            f"most architectures, {', '.join(sorted(PACKAGED)[:3])} ... included): pip install timm, or pip install "
+            "'finereg[vision]'"
+        )
+    raise unknown_name_error("architecture", arch, list_models(), hint="(see finereg.models.list_models())")
 
 
 def _has(module: str) -> bool:
@@ -106,7 +110,13 @@ def _offline_error(arch: str, e: Exception) -> FineregError:
 
 # ------------------------------------------------------------------------------------------------ packaged
 def _create_packaged(w: PackagedWeights, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError(
+            f"the packaged weights of {w.timm_arch!r} load into timm's network, and timm is not installed: pip "
+            "install timm, or pip install 'finereg[vision]'"
+        ) from None
 
     in_chans = check_int(kwargs.pop("in_chans", 3), "in_chans", low=1)
     nc = w.num_classes if num_classes is None else num_classes
@@ -154,15 +164,20 @@ def _create_timm(arch: str, pretrained: bool, num_classes: int | None, kwargs: d
 def _create_torchvision(arch: str, pretrained: bool, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
+    if "in_chans" in kwargs:
+        raise FineregError(
+            f"{arch!r} is a torchvision architecture, which takes no in_chans (its models read 3-channel images): "
+            "replicate grey images to 3 channels (x.expand(-1, 3, -1, -1)), or use a timm architecture"
+        )
     if not pretrained:
         kw = dict(kwargs) if not num_classes else {**kwargs, "num_classes": num_classes}
-        model = torchvision.models.get_model(arch, weights=None, **kw)
+        model = _torchvision_model(arch, None, kw)
         if num_classes == 0:  # removed, as timm and the packaged path do (torchvision would build 0 outputs)
             _new_head(model, 0)
         return model
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     try:
-        model = torchvision.models.get_model(arch, weights=weights, **kwargs)
+        model = _torchvision_model(arch, weights, kwargs)
     except OSError as e:
         raise _offline_error(arch, e) from None
     name = _new_head(model, num_classes)
@@ -183,6 +198,19 @@ def _create_torchvision(arch: str, pretrained: bool, num_classes: int | None, kw
     }
     model.pretrained_cfg = model.default_cfg = cfg
     return model
+
+
+def _torchvision_model(arch: str, weights: Any, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(arch, weights=weights, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise FineregError(
+            f"torchvision's {arch!r} does not take the argument(s) given: {e}; see its constructor's signature"
+        ) from None
 
 
 def _new_head(model: nn.Module, num_classes: int | None) -> str:
