@@ -211,3 +211,14 @@ def test_terms_import_no_trainer():
         "heavy = new & {'transformers', 'accelerate', 'lightning', 'pytorch_lightning'}; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wrap_optimizer_checks_the_wrappers_arguments_up_front():
+    """Without weight_decay, WrapOptimizer(finereg.SPD) failed only when the trainer built its optimizer."""
+    with pytest.raises(FineregError, match=r"WrapOptimizer\(SPD\) needs weight_decay=\.\.\."):
+        WrapOptimizer(finereg.SPD)
+    with pytest.raises(FineregError, match=r"WrapOptimizer\(DecoupledL2SP\) needs alpha="):
+        WrapOptimizer(finereg.DecoupledL2SP, beta=0.1)
+    with pytest.raises(FineregError, match=r"\['lr'\] that FTP does not take"):
+        WrapOptimizer(finereg.FTP, lr=0.1)
+    assert WrapOptimizer(finereg.FTP, k=0.5, name="ftp2").kwargs == {"k": 0.5}

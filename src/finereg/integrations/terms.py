@@ -38,6 +38,7 @@ Module names (``layers``, ``layer``, ``include`` ...) are those of the regulariz
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -365,6 +366,26 @@ class KDTerm(Term):
         )
 
 
+def _check_wrapper_kwargs(wrapper: type[WrappedOptimizer], kwargs: dict[str, Any]) -> None:
+    """The wrapper's required arguments are given and every other one is its own, checked now rather than when
+    the trainer builds its optimizer."""
+    params = inspect.signature(wrapper).parameters
+    own = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"model", "exclude"}
+    required = sorted(n for n in own if params[n].default is inspect.Parameter.empty and n not in kwargs)
+    unknown = sorted(set(kwargs) - own)
+    if required:
+        raise FineregError(
+            f"WrapOptimizer({wrapper.__name__}) needs {', '.join(f'{n}=...' for n in required)}: "
+            f"{wrapper.__name__} has no default for it, e.g. WrapOptimizer(finereg.{wrapper.__name__}, "
+            f"{required[0]}=0.5)"
+        )
+    if unknown:
+        raise FineregError(
+            f"WrapOptimizer({wrapper.__name__}) got argument(s) {unknown} that {wrapper.__name__} does not take; "
+            f"it takes {sorted(own | {'exclude'})}"
+        )
+
+
 class WrapOptimizer(Term):
     """Wrap the trainer's optimizer in a finereg optimizer wrapper: ``WrapOptimizer(finereg.SPD, weight_decay=0.5)``,
     ``WrapOptimizer(finereg.FTP, exclude=["head.*"])``, ``WrapOptimizer(finereg.DecoupledL2SP, alpha=0.1)``.
@@ -386,6 +407,7 @@ class WrapOptimizer(Term):
         if taken:
             raise FineregError(f"WrapOptimizer sets {taken} itself (θ0 comes from the integration's source=)")
         super().__init__(kwargs.pop("name", wrapper.__name__.lower()))
+        _check_wrapper_kwargs(wrapper, kwargs)
         self.wrapper_cls, self.exclude, self.kwargs = wrapper, exclude, kwargs
         self.wrapper: WrappedOptimizer | None = None
 
