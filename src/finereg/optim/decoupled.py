@@ -41,8 +41,9 @@ class DecoupledL2SP(WrappedOptimizer):
         optimizer: any torch optimizer (keep its own ``weight_decay`` at 0 unless you want both).
         anchors: θ0: ``None`` (the values when wrapped), a list per parameter, or the source model / its state
             dict matched by name (a parameter the anchors lack, or a ``new_params`` one, is new: decayed by β).
-        alpha: α, the pull towards θ0 per unit of learning rate (group key ``l2sp_alpha``).
-        beta: β, the decay of new parameters towards 0 (group key ``l2sp_beta``; default 0).
+        alpha: α, the pull towards θ0 per unit of learning rate (group key ``l2sp_alpha``). A step with
+            lr·α > 1 (the lerp would step past θ0) is refused before anything is written.
+        beta: β, the decay of new parameters towards 0 (group key ``l2sp_beta``; default 0); lr·β > 1 likewise.
         model: the model being trained, to name parameters (for name-matched anchors and patterns).
         exclude: glob patterns or parameters left alone (neither α nor β).
         new_params: glob patterns or parameters that are new although the anchors hold a tensor of their name.

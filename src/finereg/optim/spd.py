@@ -49,6 +49,8 @@ class SPD(WrappedOptimizer):
             matched by name (see :mod:`finereg.optim._base`).
         weight_decay: λ, the strength of the projection (group key ``spd_weight_decay``; a group may set its own).
             Required: the official ``AdamSPD`` defaults to 0 (SPD off); its README takes λ from the command line.
+            A step where λ·r > 2 (the projection would push θ farther from θ0 than θ̃) is refused before any
+            projection is written; λ <= 2 never triggers it (r <= 1).
         model: the model being trained, to name the parameters (for name-matched anchors or ``exclude`` patterns
             when the optimizer was not built from ``named_parameters()``).
         exclude: glob patterns or parameters left to the inner optimizer alone.
