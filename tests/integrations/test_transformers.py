@@ -161,6 +161,21 @@ def test_bad_set_ups_are_refused(tiny, tmp_path):
         FineregTrainer(model=model, args=args, train_dataset=data)  # regularizers is required
 
 
+def test_a_truncated_finereg_state_names_the_file(tiny, tmp_path):
+    """Issue 17 item 18: a truncated finereg_state.pt on resume was torch's raw unpickling error."""
+    model, data = tiny
+    args = hf_args(str(tmp_path), max_steps=1, per_device_train_batch_size=4)
+    trainer = FineregTrainer(model=model, args=args, train_dataset=data, regularizers=[L2SPTerm()])
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    torch.save(trainer.finereg.state_dict(), ckpt / STATE_NAME)
+    trainer.finereg_load(ckpt)  # intact: loads
+    data_bytes = (ckpt / STATE_NAME).read_bytes()
+    (ckpt / STATE_NAME).write_bytes(data_bytes[: len(data_bytes) // 2])
+    with pytest.raises(FineregError, match=r"checkpoint-1/finereg_state.pt is corrupt or unreadable"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+
+
 def test_kd_against_a_given_teacher(tiny, tmp_path):
     """finereg_source= is the pretrained model the terms use (here KD's teacher, and the SPD anchors by name)."""
     model, data = tiny

@@ -170,7 +170,14 @@ class FineregTrainerMixin:
                 f"{checkpoint} has no {STATE_NAME}: it was not saved by a FineregTrainer, so the regularizers' state "
                 "(anchors, the source model) cannot be restored; resume from a checkpoint of this run"
             )
-        self.finereg.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a truncated or garbage file
+            raise FineregError(
+                f"{file} is corrupt or unreadable ({type(e).__name__}: {e}); the regularizers' state (anchors, the "
+                "source model) cannot be restored from it: resume from another checkpoint of this run"
+            ) from None
+        self.finereg.load_state_dict(state)
 
 
 class FineregTrainer(FineregTrainerMixin, transformers.Trainer):
