@@ -1,6 +1,8 @@
 """finereg.keras weight standardization: the layers equal finereg's torch standardize on the same weights;
 standardize(model) keeps the weights, bake(model) keeps the outputs; .keras files."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from keras import ops
 
 import finereg
 import finereg.keras as fk
-from finereg._checks import FineregError, UnknownNameError
+from finereg._checks import FineregError, FineregWarning, UnknownNameError
 
 from ._helpers import to_np
 
@@ -137,3 +139,48 @@ def test_errors():
     with pytest.raises(FineregError, match="Functional or Sequential"):
         fk.standardize(keras.layers.Dense(3), "ws")
     assert ops.shape(fk.standardize_kernel(np.ones((3, 3, 2, 4), "float32"), "bit")) == (3, 3, 2, 4)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.conv = keras.layers.Conv2D(4, 3)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+def test_models_standardize_cannot_rebuild_are_clear_errors():
+    """Issue 17 item 18: an unbuilt or a subclassed model reached an AttributeError ('Conv2D' object has no
+    attribute 'kernel'); a subclassed one nested in a Functional model too."""
+    with pytest.raises(FineregError, match="'seq' is not built"):
+        fk.standardize(keras.Sequential([keras.layers.Conv2D(4, 3)], name="seq"))
+    sub = _Subclassed()
+    sub(np.zeros((1, 6, 6, 2), "float32"))  # built, and still not a layer graph
+    with pytest.raises(FineregError, match="subclassed model"):
+        fk.standardize(sub)
+    inp = keras.Input((6, 6, 2))
+    outer = keras.Model(inp, keras.layers.Flatten()(_Subclassed(name="sub")(inp)))
+    with pytest.raises(FineregError, match=r"'sub' is a subclassed model \(_Subclassed\)"):
+        fk.standardize(outer)
+    with pytest.raises(FineregError, match="bake needs a Functional or Sequential"):
+        fk.bake(sub)
+
+
+def test_eps_0_is_the_clear_error_and_nothing_to_standardize_warns():
+    """Issue 17 item 22: eps=0 surfaced Keras's deserialization TypeError (the clear message only chained); a
+    model with nothing to standardize gave no warning where torch's standardize warns."""
+    with pytest.raises(FineregError, match="eps must be a finite number > 0, got 0") as e:
+        fk.standardize(functional(), eps=0)
+    assert type(e.value) is FineregError
+    with pytest.raises(FineregError, match="gamma must be a finite number"):
+        fk.standardize(functional(), gamma=float("nan"))
+    dense_only = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.warns(FineregWarning, match=r"changed nothing: no convolution to standardize .*dense=True"):
+        same = fk.standardize(dense_only)
+    assert [type(lay).__name__ for lay in same.layers] == ["Dense"]
+    with pytest.raises(FineregError, match="changed nothing"):
+        fk.standardize(dense_only, strict=True)
+    torch_msg = "weight standardization ('ws') changed nothing: no convolution to standardize"
+    with pytest.warns(FineregWarning, match=re.escape(torch_msg)):  # the torch front's words
+        finereg.standardize(torch.nn.Linear(3, 2))

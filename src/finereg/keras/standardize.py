@@ -21,8 +21,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from .._checks import FineregError, check_bool, check_choice
+from .._checks import FineregError, check_bool, check_choice, check_number
 from .._utils import unknown_name_error
+from ..reparam._report import ConversionReport, finish
 from ..reparam.standardize import VARIANTS
 from ._layout import named_layers
 from .penalty import bind
@@ -42,6 +43,30 @@ def _patterns(arg, label: str) -> list[str] | None:
 
 def _matches(path: str, name: str, pats: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def _graph_model(model) -> bool:
+    """A Sequential or Functional model (a layer graph ``clone_model`` can rebuild), not a subclassed one."""
+    return isinstance(model, keras.Sequential) or any(c.__name__ == "Functional" for c in type(model).__mro__)
+
+
+def _check_model(model, what: str) -> None:
+    """``model`` is a built Functional or Sequential Keras model, and so is every model nested in it."""
+    if not isinstance(model, keras.Model):
+        raise FineregError(f"expected a Functional or Sequential Keras model, got {type(model).__name__}")
+    nested = [(path, lay) for path, lay in named_layers(model) if isinstance(lay, keras.Model)]
+    for path, m in [(model.name, model), *nested]:
+        if not _graph_model(m):
+            raise FineregError(
+                f"{what} needs a Functional or Sequential Keras model (its layer graph is rebuilt); {path!r} is a "
+                f"subclassed model ({type(m).__name__}), whose call() it cannot see: build it with the functional "
+                "API, or use the standardized layers (finereg.keras.StandardizedConv2D ...) in it directly"
+            )
+    if not model.built:
+        raise FineregError(
+            f"{what}: the model {model.name!r} is not built (its layers have no weights yet): give it an input "
+            "(keras.Input as its first layer), call it on a batch or call model.build(input_shape) first"
+        )
 
 
 def _clone(model, convert, fill):
@@ -83,6 +108,7 @@ def standardize(
     eps: float | None = None,
     gamma: float = 1.0,
     gain_init: float = 1.0,
+    strict: bool = False,
 ):
     """A copy of ``model`` whose convolutions are weight-standardized (see the module docstring).
 
@@ -93,11 +119,19 @@ def standardize(
             convolution. A pattern matching no layer is an error.
         dense: also standardize ``Dense`` layers.
         eps, gamma, gain_init: as in :class:`~finereg.keras.StandardizedConv2D`.
+        strict: a model with nothing to standardize raises an error (default: a
+            :class:`~finereg._checks.FineregWarning`, as torch's ``finereg.standardize``).
 
     Returns the new model.
     """
     check_choice(variant, "variant", tuple(VARIANTS))
     check_bool(dense, "dense")
+    check_bool(strict, "strict")
+    if eps is not None:  # the layers' own checks, here: inside clone_model they surface as Keras's TypeError
+        check_number(eps, "eps", low=0, low_open=True)
+    check_number(gamma, "gamma")
+    check_number(gain_init, "gain_init")
+    _check_model(model, "standardize")
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     named = named_layers(model)
     for label, pats in (("include", inc), ("exclude", exc)):
@@ -105,6 +139,7 @@ def standardize(
             if not any(_matches(path, lay.name, [p]) for path, lay in named):
                 raise unknown_name_error("layer", p, [path for path, _ in named], hint=f"({label} pattern)")
     chosen: dict[int, str] = {}
+    report = ConversionReport(f"weight standardization ({variant!r})")
     for path, layer in named:
         target = STANDARDIZED_LAYERS.get(type(layer))
         if target is None or (target is STANDARDIZED_LAYERS[keras.layers.Dense] and not dense):
@@ -112,8 +147,13 @@ def standardize(
         if inc is not None and not _matches(path, layer.name, inc) or exc and _matches(path, layer.name, exc):
             continue
         if math.prod(layer.kernel.shape[:-1]) < 2:
+            report.skipped.append((path, f"fan-in {math.prod(layer.kernel.shape[:-1])} < 2"))
             continue
         chosen[id(layer)] = path
+        report.changed.append((path, type(layer).__name__))
+    kinds = "convolution" + (" or Dense layer" if dense else "")
+    hint = "" if dense else " (Dense layers are standardized only with dense=True)"
+    finish(report, strict, f"no {kinds} to standardize (include={include!r}, exclude={exclude!r}){hint}")
     extra = {"variant": variant, "eps": eps, "gamma": gamma, "gain_init": gain_init}
 
     def convert(layer):
@@ -131,6 +171,7 @@ def standardize(
 
 def bake(model):
     """A copy of ``model`` in which every standardized layer is the plain layer holding Ŵ (same outputs)."""
+    _check_model(model, "bake")
     plain = {v: k for k, v in STANDARDIZED_LAYERS.items()}
 
     def convert(layer):
