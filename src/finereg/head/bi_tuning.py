@@ -29,6 +29,9 @@ How this differs from tllib's implementation, and its speed: docs/head_methods.m
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import FineregError, FineregTypeError, check_choice, check_int, check_number
+from .._deprecate import renamed, renamed_attribute
 from .._utils import class_ranks, unwrap
 from ..lr_policy import ROLES, Role, param_groups
 from ._contrast import contrast_log_softmax
@@ -127,6 +131,40 @@ class BiTuningClassifier(nn.Module):
         return y, z, hn
 
 
+_ARG = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_SIGNATURE_0_1 = inspect.Signature(
+    [inspect.Parameter(n, _ARG) for n in ("y_q", "logits_z", "logits_y", "labels_c", "labels")]
+    + [inspect.Parameter("trade_off", _ARG, default=1.0)]
+)
+
+
+def _takes_the_0_1_form(fn):
+    """finereg 0.1's ``bi_tuning_loss(y_q, logits_z, logits_y, labels_c, labels, trade_off=1.0)`` (the whole
+    objective) keeps working until 0.3, with a ``FutureWarning`` (README, Conventions; CHANGELOG.md)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if len(args) < 5 and not {"y_q", "labels", "trade_off"} & kwargs.keys():
+            return fn(*args, **kwargs)
+        try:
+            a = _SIGNATURE_0_1.bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise FineregTypeError(f"bi_tuning_loss(logits_z, logits_y, labels_c): {e}") from None
+        warnings.warn(
+            "bi_tuning_loss(y_q, logits_z, logits_y, labels_c, labels, trade_off) is now bi_tuning_loss(logits_z, "
+            "logits_y, labels_c), the contrastive term alone (changed in finereg 0.2); the old form works until "
+            "finereg 0.3: write F.cross_entropy(y_q, labels) + trade_off * bi_tuning_loss(logits_z, logits_y, "
+            "labels_c)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        term = fn(a["logits_z"], a["logits_y"], a["labels_c"])
+        return F.cross_entropy(a["y_q"], a["labels"]) + a.get("trade_off", 1.0) * term
+
+    return wrapper
+
+
+@_takes_the_0_1_form
 def bi_tuning_loss(logits_z: Tensor, logits_y: Tensor, labels_c: Tensor) -> Tensor:
     """Bi-Tuning's contrastive term KL_batchmean(labels_c ‖ logits_z) + KL_batchmean(labels_c ‖ logits_y)
     (``logits_*`` are the log-probabilities :class:`BiTuning` returns). Like every output loss here it carries no
@@ -195,7 +233,9 @@ class BiTuning(nn.Module):
     queue_h: Tensor
     queue_z: Tensor
     queue_ptr: Tensor
+    T = renamed_attribute("T", "temperature", since="0.2")
 
+    @renamed(T="temperature", since="0.2")
     def __init__(
         self,
         encoder_q: nn.Module,

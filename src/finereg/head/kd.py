@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import FineregError, FineregTypeError, check_bool, check_choice, check_number
+from .._deprecate import renamed, renamed_attribute
 
 __all__ = ["kd_loss", "KnowledgeDistillation"]
 
@@ -26,6 +27,7 @@ def _check_options(temperature: float, reduction: str) -> float:
     return check_number(temperature, "temperature", low=0, low_open=True)
 
 
+@renamed(T="temperature", since="0.2")
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -75,6 +77,9 @@ class KnowledgeDistillation(nn.Module):
         t2_scaling: multiply by T², default False (tllib's value).
     """
 
+    T = renamed_attribute("T", "temperature", since="0.2")
+
+    @renamed(T="temperature", since="0.2")
     def __init__(self, temperature: float = 1.0, reduction: str = "batchmean", t2_scaling: bool = False):
         super().__init__()
         self.temperature = _check_options(temperature, reduction)

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import FineregError, FineregTypeError, UnknownNameError, check_bool, check_choice, check_number
+from .._deprecate import renamed
 from .._select import Patterns, select_names
 from .._utils import close_matches, strip_prefixes, unwrap
 
@@ -403,6 +404,7 @@ class L2(_WeightPenalty):
         skip_frozen: leave out parameters with ``requires_grad=False`` (checked at every call).
     """
 
+    @renamed(alpha="factor", since="0.2")
     def __init__(
         self,
         model: nn.Module,

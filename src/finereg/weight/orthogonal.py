@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import FineregError, FineregTypeError, check_int, check_number
+from .._deprecate import renamed, renamed_attribute
 from .groups import WeightGroup
 
 __all__ = [
@@ -143,6 +144,9 @@ class GroupPenalty(nn.Module):
     units), a :class:`WeightGroup`, or a list of them.
     """
 
+    coef = renamed_attribute("coef", "factor", since="0.2")
+
+    @renamed(coef="factor", since="0.2")
     def __init__(
         self, groups: WeightGroup | nn.Module | Sequence[WeightGroup | nn.Module] | None = None, factor: float = 1.0
     ):
@@ -217,6 +221,7 @@ class Orthogonality(GroupPenalty):
     A matrix with a single row (mode rows) has no pairs: its value is 0 (docs/weight_groups.md compares with Keras).
     """
 
+    @renamed(coef="factor", since="0.2")
     def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
         super().__init__(groups, factor)
         self.mode = _check_mode(mode)
@@ -260,6 +265,7 @@ class MutualCoherence(GroupPenalty):
     single most coherent pair. A single row has no pair: value 0.
     """
 
+    @renamed(coef="factor", since="0.2")
     def __init__(self, groups=None, factor: float = 1.0, mode: Literal["rows", "columns"] = "rows"):
         super().__init__(groups, factor)
         self.mode = _check_mode(mode)
@@ -291,6 +297,7 @@ class SRIP(GroupPenalty):
     vector each step instead (docs/weight_groups.md).
     """
 
+    @renamed(coef="factor", since="0.2")
     def __init__(
         self, groups=None, factor: float = 1.0, n_power_iterations: int = 1, squared: bool = False, eps: float = 1e-12
     ):
@@ -359,6 +366,7 @@ class CallablePenalty(GroupPenalty):
     E.g. ``Σ K ∘ K[::-1]`` on a Keras kernel: ``CallablePenalty(lambda w: (w * w.flip(0)).sum(), g)``.
     """
 
+    @renamed(coef="factor", since="0.2")
     def __init__(self, fn: Callable[[Tensor], Tensor], groups=None, factor: float = 1.0):
         if not callable(fn):
             raise FineregTypeError(f"fn must be callable (matrix -> scalar tensor), got {type(fn).__name__}")
@@ -393,6 +401,7 @@ _KINDS: dict[str, type[GroupPenalty]] = {
 }
 
 
+@renamed(coef="factor", since="0.2")
 def create_penalty(kind: str | Callable[[Tensor], Tensor], groups=None, factor: float = 1.0, **kwargs) -> GroupPenalty:
     """A penalty by name (``orthogonal``, ``soft_orthogonal``, ``double_soft_orthogonal``,
     ``mutual_coherence``, ``srip``) or from a callable (→ :class:`CallablePenalty`)."""
