@@ -8,6 +8,7 @@ line can print it as one clear line while anything unexpected keeps its tracebac
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from collections.abc import Collection
@@ -26,6 +27,7 @@ __all__ = [
     "check_choice",
     "check_bool",
     "check_type",
+    "require_module",
 ]
 
 
@@ -136,3 +138,15 @@ def check_type(value: Any, name: str, types: type | tuple[type, ...], what: str)
     if not isinstance(value, types):
         raise FineregTypeError(f"{name} must be {what}, got {type(value).__name__}")
     return value
+
+
+def require_module(module: str, what: str, pip: str, otherwise: str = "") -> None:
+    """Import ``module`` (an optional package) up front, before any work that needs it, or raise
+    :class:`MissingDependencyError`: ``"<what> needs <package>: pip install <pip>[; <otherwise>]"``."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise MissingDependencyError(
+            f"{what} needs {package}: pip install {pip}" + (f"; {otherwise}" if otherwise else "")
+        ) from None
