@@ -119,38 +119,61 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a .pt file")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, command: str = "fit") -> dict:
     """Read a finereg checkpoint (``weights_only``); a corrupt file raises :class:`CheckpointError` naming the
-    intact previous checkpoint where there is one."""
+    intact previous checkpoint where there is one, with the advice of ``command`` (``"fit"`` or ``"wise-ft"``)."""
     path = find_checkpoint(path)
     try:
         verify_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(str(e) + _fallback_hint(path)) from None
+        raise CheckpointError(str(e) + _fallback_hint(path, command)) from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated / garbage files
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e})." + _fallback_hint(path)
+            f"checkpoint {str(path)!r} is corrupt or unreadable ({type(e).__name__}: {e})."
+            + _fallback_hint(path, command)
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
-            f"{str(path)!r} is not a finereg training checkpoint (no {FORMAT!r} marker)." + _fallback_hint(path)
+            f"{str(path)!r} is not a finereg training checkpoint (no {FORMAT!r} marker)."
+            + _fallback_hint(path, command)
         )
     return state
 
 
-def _fallback_hint(path: Path) -> str:
+def _fallback_hint(path: Path, command: str = "fit") -> str:
     prev = path.parent / PREV
+    wise = command == "wise-ft"
     if path.name != PREV and prev.is_file():
         try:
-            load_checkpoint(prev)
+            earlier = load_checkpoint(prev)
         except CheckpointError:
+            if wise:
+                return (
+                    f" The previous checkpoint {str(prev)!r} is damaged too: no intact checkpoint of the run is left; "
+                    "train it again (finereg fit with --overwrite), then run finereg wise-ft"
+                )
             return (
                 f" The previous checkpoint {str(prev)!r} is damaged too: there is no intact checkpoint to resume "
                 "from, so start the run again (same command with --overwrite, or another --out)"
             )
-        return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
+        if not wise:
+            return f" The previous checkpoint {str(prev)!r} is intact: resume from it with --resume {prev}"
+        cfg = earlier.get("config", {})
+        if earlier.get("epoch", 0) >= cfg.get("epochs", 0) and not earlier.get("step"):
+            return (
+                f" The previous checkpoint {str(prev)!r} is intact and finished: sweep it with finereg wise-ft {prev}"
+            )
+        return (
+            f" The previous checkpoint {str(prev)!r} is intact: finish the run from it with finereg fit --resume "
+            f"{prev}, then run finereg wise-ft {path.parent}"
+        )
+    if wise:
+        return (
+            " Nothing was changed; there is no earlier checkpoint to fall back on: train the run again (finereg fit "
+            "with --overwrite), then run finereg wise-ft"
+        )
     return (
         " Nothing was overwritten; there is no earlier checkpoint to fall back on, so start the run again "
         "(same command with --overwrite, or another --out)"
