@@ -298,3 +298,20 @@ def test_unreadable_evaluation_images_are_counted_and_fail_past_a_threshold(tmp_
     else:  # a class vanishes from the accuracy: refused
         with pytest.raises(FineregError, match="20 of 40 test images could not be read; class\\(es\\) dog lost"):
             fit(cfg, on_step=_break_val_images(broken), log=logs.append)
+
+
+def test_a_non_finite_evaluation_loss_is_a_diverged_run(tmp_path, tiny, capsys):
+    """Issue 17 item 7: one step at a huge lr leaves a finite training loss but weights that evaluate to a NaN
+    loss; the run is diverged (LossNotFinite, no checkpoint of the epoch, exit code 2), not "done"."""
+    from finereg.train.loop import LossNotFinite
+
+    with pytest.raises(LossNotFinite, match="evaluation loss is not finite after epoch 1"):
+        fit(tiny(tmp_path, epochs=1, iters_per_epoch=1, lr=1e37), **QUIET)
+    assert not (tmp_path / "run" / LAST).exists()
+    out = tmp_path / "cli"
+    assert main(["fit", *TINY, "-i", "1", "--lr", "1e37", "--out", str(out)]) == 2
+    assert "evaluation loss is not finite" in capsys.readouterr().err and not (out / LAST).exists()
+    from finereg.train.bench import _one  # the bench reports it as a diverged run of its grid
+
+    row = _one(tiny(tmp_path / "bench", epochs=1, iters_per_epoch=1, lr=1e37))
+    assert "evaluation loss is not finite" in row["diverged"]
