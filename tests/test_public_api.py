@@ -108,3 +108,19 @@ def test_core_import_needs_only_torch():
         "'PIL', 'scipy', 'lightning', 'accelerate', 'pytorch_lightning'}; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version_is_pre_1_0_and_agrees_with_pyproject():
+    """Issue 17 item 23: a version that says it is pre-1.0 (a minor version may rename, with a FutureWarning for
+    one minor version; CHANGELOG.md), the same in pyproject.toml and ``finereg.__version__``."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert finereg.__version__ == declared
+    assert re.fullmatch(r"0\.\d+\.\d+(\.dev\d+|rc\d+)?", declared), declared
+    changelog = (root / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog and "## [0.1.0]" in changelog

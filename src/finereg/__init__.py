@@ -52,7 +52,7 @@ from .weight import (
     WeightGroup,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # as pyproject.toml; pre-1.0 (CHANGELOG.md)
 __all__ = [
     # weight penalties
     "L2",

@@ -54,8 +54,9 @@ def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
     assert {(s["metric"], s["sample_rate"]) for s in summary} == {
-        (m, r) for m in ("top1", "valid_top1", "mean_class_acc") for r in ("30.0", "100.0")
-    }
+        (m, r) for m in ("top1", "retention", "valid_top1", "mean_class_acc") for r in ("30.0", "100.0")
+    }  # retention: the built-in source model keeps its pretrained classifier
+    assert all(0 <= float(r["retention"]) <= 100 for r in rows)
     assert all(s["n"] == "2" and s["diff"] == "0.0" for s in summary)  # erm against itself
     png = (out / "accuracy_vs_rate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._checks import FineregError, check_int, check_number
+from .._checks import FineregError, check_int, check_number, require_module
 from .build import build_task
 from .checkpoint import LAST
 from .config import resolve
@@ -98,6 +98,7 @@ def _row(cfg: FitConfig, f: dict, epochs: int, t0: float, interrupted: bool) -> 
         "seed": cfg.seed,
         "top1": f.get("test_top1", math.nan),
         "shift_top1": f.get("shift_top1", math.nan),
+        "retention": f.get("test_retention", math.nan),
         "valid_top1": f.get("valid_top1", math.nan),
         "mean_class_acc": f.get("test_mean_class_acc", math.nan),
         "epochs": epochs,
@@ -120,6 +121,9 @@ def _csv(rows: list[dict]) -> str:
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the grid, write results.csv / summary.csv / summary.md / accuracy_vs_rate.png, print the table."""
     methods = parse_methods(cfg.methods)  # validate (and normalize, groups expanded) before any work
+    require_module("matplotlib", "finereg bench's plot", "matplotlib (or 'finereg[train]')")
+    if cfg.base.progress:
+        require_module("tqdm.auto", "the progress bar", "tqdm (or 'finereg[train]')", "or run with --no-progress")
     # --set l2sp.trade_off=... changes the l2sp runs only; a --set that names no method of the bench is an error
     settings = {m: settings_for(m, cfg.base.set, methods) for m in methods}
     if not methods or not cfg.rates or not cfg.seeds:

@@ -30,13 +30,14 @@ from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
 from .checkpoint import save_checkpoint
 from .config import FitConfig, resolve
-from .data import Batch, TrainData, check_batch_size, derive_seed
-from .datasets import load_data
+from .data import Batch, TensorImages, TrainData, check_batch_size, derive_seed
+from .datasets import builtin_name, load_data
 from .methods import build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, write_text_atomic
 from .models import ModelBundle, Outputs, TransferNet, build_model, input_normalization
 from .prefix import freeze_prefix
 from .recipe import Context, Recipe
+from .retention import Retention, source_reference
 from .run_dir import RunDir
 
 __all__ = ["Run", "build", "build_task"]
@@ -67,6 +68,7 @@ class Run:
     start_step: int = 0
     meter_state: dict | None = None
     rng: Tensor | None = None
+    retention: Retention | None = None  # measures forgetting on the test split (in-memory tasks with a source head)
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def on_device(self, batch: Batch) -> Batch:
@@ -135,6 +137,7 @@ def build_task(cfg: FitConfig, log: Callable[[str], None] = print) -> tuple[Trai
         image_size=cfg.image_size,
         workers=cfg.workers,
         normalization=input_normalization(cfg.arch, cfg.weights),
+        cache=default_cache_dir(cfg.cache_dir),
         log=log,
     )
     bundle = build_model(
@@ -158,7 +161,7 @@ def build(cfg: FitConfig, rd: RunDir, info: fdist.DistInfo, log: Callable[[str],
 
 
 def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
-    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), data=cfg.data)
+    recipes = build_recipes(cfg.method, parse_overrides(cfg.set), data=builtin_name(cfg.data) or cfg.data)
     closers.extend(r.close for r in recipes)
     cfg = resolve(cfg, default_weight_decay(recipes))
     if ckpt is not None and ckpt["epoch"] > cfg.epochs:
@@ -173,6 +176,10 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     _probe(net, data, bundle.arch)
+    retention = None
+    if net.source_head is not None and isinstance(data.test, TensorImages):  # before any recipe changes the net
+        key = (cfg.data, cfg.arch, cfg.weights, cfg.image_size, cfg.frozen_prefix, cfg.cache_dir)
+        retention = source_reference(net, data.test, key, info.device)
     for r in recipes:
         r.prepare(net)
     source = None
@@ -272,5 +279,6 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
         views=max((r.views for r in recipes), default=1),
         autocast=autocast,
         closers=closers,
+        retention=retention,
         **start,
     )

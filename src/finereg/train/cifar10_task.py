@@ -84,7 +84,7 @@ def cifar10_task(
     *,
     sample_rate: float = 100,
     data_seed: int = 0,
-    image_size: int = 64,
+    image_size: int = 96,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     cache: str | Path | None = None,

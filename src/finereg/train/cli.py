@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from .._checks import FineregError
 from .config import PROTOCOLS
+from .datasets import builtin_name
 from .methods import method_names
 
 __all__ = ["main", "build_parser"]
@@ -35,16 +36,18 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
         "--protocol",
         choices=sorted(PROTOCOLS),
         default=_S,
-        help="smoke: the built-in digits task (data digits, seconds); real: the ImageNet-pretrained EfficientNet-Lite0 "
-        "on MNIST digits with a shifted test set (data mnist5k); a user's ImageFolder: --data PATH "
+        help="smoke: the built-in digits task (data digits, seconds); cifar10: the ImageNet-pretrained "
+        "EfficientNet-Lite0 on CIFAR-10 photos with a CIFAR-10-C test set (data cifar10, or cifar10:DIR for your "
+        "copy); mnist (alias real): the same network on MNIST digits, the far-domain case (data mnist5k); a user's "
+        "ImageFolder: --data PATH "
         f"(default: {'real' if for_bench else 'smoke'})",
     )
     g.add_argument(
         "--data",
         "-d",
         default=_S,
-        help="a built-in task (digits, mnist5k) or an ImageFolder root with train/ and val/ (the test split) and "
-        "optionally valid/",
+        help="a built-in task (digits, cifar10, cifar10:DIR with torchvision's CIFAR-10 folder, mnist5k) or an "
+        "ImageFolder root with train/ and val/ (the test split) and optionally valid/",
     )
     if not for_bench:
         g.add_argument(
@@ -57,7 +60,10 @@ def _fit_options(p: argparse.ArgumentParser, *, for_bench: bool = False) -> None
         )
     g.add_argument("--data-seed", type=int, default=_S, help="seed of the per-class sampling (default: 0)")
     g.add_argument(
-        "--image-size", type=int, default=_S, help="input resolution (default: 32 on mnist5k, 224 on ImageFolder data)"
+        "--image-size",
+        type=int,
+        default=_S,
+        help="input resolution (default: 96 on cifar10, 32 on mnist5k, 224 on ImageFolder data)",
     )
     g.add_argument("--workers", "-j", type=int, default=_S, help="data loading processes (default: 2)")
     g.add_argument(
@@ -264,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wise.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto)")
     wise.add_argument("--batch-size", "-b", type=int, default=None, help="evaluation batch (default: the run's)")
+    wise.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache for the built-in source model (default: $FINEREG_CACHE or ~/.cache/finereg; never the run's)",
+    )
     return p
 
 
@@ -276,7 +287,11 @@ def _fit_config(ns: argparse.Namespace, default_protocol: str | None = None):
         given["set"] = list(given["set"])
     protocol = getattr(ns, "protocol", default_protocol)
     if protocol is not None:
-        if "data" in given and given["data"] != PROTOCOLS[protocol]:
+        if (
+            "data" in given
+            and given["data"] != PROTOCOLS[protocol]
+            and builtin_name(given["data"]) != PROTOCOLS[protocol]
+        ):
             if hasattr(ns, "protocol"):
                 raise FineregError(
                     f"--protocol {protocol} trains on {PROTOCOLS[protocol]}; --data {given['data']} says otherwise. "
@@ -357,7 +372,7 @@ def _cmd_wise_ft(ns: argparse.Namespace) -> int:
 
     batch = check_int(ns.batch_size, "--batch-size", low=1) if ns.batch_size is not None else None
     alphas = ns.alphas if ns.alphas is not None else DEFAULT_ALPHAS
-    res = wise_ft_run(ns.run, alphas, device=ns.device, batch_size=batch)
+    res = wise_ft_run(ns.run, alphas, device=ns.device, batch_size=batch, cache_dir=ns.cache_dir)
     chosen = res.chosen
     if chosen is None:
         print(f"wise-ft: no alpha chosen: {res.reason}")

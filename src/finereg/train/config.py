@@ -16,9 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._checks import FineregError, check_bool, check_int, check_number
-from .datasets import BUILTIN_DATASETS
+from .datasets import builtin_name
 
-__all__ = ["FitConfig", "PRESETS", "PROTOCOLS", "RESUME_FREE", "check_config", "resolve", "merge_resume", "preset_of"]
+__all__ = [
+    "FitConfig",
+    "PRESETS",
+    "PROTOCOLS",
+    "RESUME_FREE",
+    "PATH_FIELDS",
+    "check_config",
+    "resolve",
+    "merge_resume",
+    "preset_of",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the quick smoke task (docs/engine.md): a short budget of 60 steps, the same for every sampling rate as
@@ -29,6 +39,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "arch": "efficientnet_lite0",
         "image_size": 32,
         "frozen_prefix": "blocks.2",
+        "channels_last": True,
+        "epochs": 4,
+        "iters_per_epoch": 25,
+        "batch_size": 32,
+        "lr": 0.1,
+        "eval_every": 0,
+    },
+    # the natural-image protocol (docs/protocol.md: each setting chosen on the validation split)
+    "cifar10": {
+        "arch": "efficientnet_lite0",
+        "image_size": 96,
+        "frozen_prefix": "blocks.5",
         "channels_last": True,
         "epochs": 4,
         "iters_per_epoch": 25,
@@ -48,7 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },  # fmt: skip
 }
 # --protocol NAME: the data each protocol trains on (a user's ImageFolder: --data PATH)
-PROTOCOLS = {"smoke": "digits", "real": "mnist5k"}
+PROTOCOLS = {"smoke": "digits", "cifar10": "cifar10", "mnist": "mnist5k", "real": "mnist5k"}  # real: mnist's old name
 
 
 @dataclass
@@ -105,6 +127,9 @@ RESUME_FREE = {
     "resume",
     "overwrite",
 }
+# Paths finereg writes into: always the current command's (or the environment's default), never a run directory's
+# stored config, so a run directory from someone else cannot choose a folder finereg creates and writes into.
+PATH_FIELDS = {"cache_dir"}
 
 # The range of every numeric option: (check, keyword arguments); ``None`` values are left to resolve().
 _RANGES: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -145,7 +170,7 @@ def check_config(cfg: FitConfig) -> None:
 
 def preset_of(data: str) -> dict[str, Any]:
     """The defaults of ``data``'s protocol: a built-in task's own, else those of a user's ImageFolder."""
-    return PRESETS[data if data in BUILTIN_DATASETS else "folder"]
+    return PRESETS[builtin_name(data) or "folder"]
 
 
 def resolve(cfg: FitConfig, default_weight_decay: float) -> FitConfig:
@@ -164,13 +189,14 @@ def resolve(cfg: FitConfig, default_weight_decay: float) -> FitConfig:
 
 
 def merge_resume(cfg: FitConfig, saved: dict) -> FitConfig:
-    """The checkpoint's config, with the fields ``cfg`` changes from the defaults; a conflicting change of a
-    field that shapes training raises :class:`FineregError` listing them."""
+    """The checkpoint's config, with the fields ``cfg`` changes from the defaults and ``cfg``'s paths
+    (:data:`PATH_FIELDS`, whatever the checkpoint says); a conflicting change of a field that shapes training raises
+    :class:`FineregError` listing them."""
     default = FitConfig()
     merged, conflicts = dict(saved), []
     for f in dataclasses.fields(FitConfig):
         new = getattr(cfg, f.name)
-        if f.name not in saved or (f.name in RESUME_FREE and new != getattr(default, f.name)):
+        if f.name not in saved or f.name in PATH_FIELDS or (f.name in RESUME_FREE and new != getattr(default, f.name)):
             merged[f.name] = new
         elif new != getattr(default, f.name) and _norm(new) != _norm(saved[f.name]):
             conflicts.append(f"{f.name}: checkpoint {saved[f.name]!r}, now {new!r}")

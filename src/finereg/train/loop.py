@@ -15,6 +15,7 @@ process takes. The process's global torch state (deterministic algorithms, threa
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -30,15 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import FineregError
+from .._checks import FineregError, require_module
 from . import dist as fdist
 from .build import Run, build
 from .checkpoint import load_checkpoint
 from .config import FitConfig, check_config, merge_resume
 from .data import Batch, derive_seed, epoch_plan
-from .datasets import BUILTIN_DATASETS
+from .datasets import builtin_name
 from .metrics import accuracy_from_counts
 from .models import Outputs, TransferNet, build_model
+from .retention import Retention
 from .run_dir import RunDir
 
 __all__ = [
@@ -185,6 +187,8 @@ def fit(
         rd = stack.enter_context(RunDir(out or "", resume=resume, overwrite=cfg.overwrite, lock=info.is_main))
         if rd.checkpoint is not None:
             cfg = merge_resume(cfg, rd.checkpoint["config"])
+        if cfg.progress and info.is_main:  # before the set-up, not when the first epoch starts
+            require_module("tqdm.auto", "the progress bars", "tqdm (or 'finereg[train]')", "or run with --no-progress")
         fdist.barrier()
         stack.enter_context(_torch_state(cfg, info.device))
         run = build(cfg, rd, info, logp)
@@ -238,10 +242,21 @@ def _train(run: Run, on_step: Callable[[StepInfo], None] | None) -> bool:
                 for prefix, images in run.data.evaluation_sets().items():
                     n = len(run.data.classes)
                     bs = max(cfg.batch_size, 256)
-                    row.update(evaluate(run.net, images, bs, run.info.device, n, run.autocast, prefix=prefix))
+                    keep = run.retention if prefix == "test" else None
+                    row.update(
+                        evaluate(run.net, images, bs, run.info.device, n, run.autocast, prefix=prefix, retention=keep)
+                    )
                     if row.get(f"{prefix}_skipped_images"):
                         skipped = row[f"{prefix}_skipped_images"]
                         run.log(f"epoch {epoch + 1}: {skipped} {prefix} images could not be read")
+                bad = {k: v for k, v in row.items() if k.endswith("_loss") and not k.startswith("train_")}
+                bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+                if bad:  # a diverged network (weights at inf / NaN) evaluates to a NaN loss: a diverged run
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in bad.items())
+                    raise LossNotFinite(
+                        f"the evaluation loss is not finite after epoch {epoch + 1} ({shown}): the weights diverged; "
+                        "lower --lr or the trade-offs"
+                    )
             row["epoch_seconds"] = time.perf_counter() - t0
             run.logger.log(row)
             run.checkpoint(epoch + 1, 0, None, None)
@@ -337,26 +352,35 @@ def evaluate(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     *,
     prefix: str = "test",
+    retention: Retention | None = None,
 ) -> dict[str, float]:
     """Top-1 and mean per-class accuracy (%) and mean cross-entropy of ``net`` (eval mode) on ``data``, as
     ``<prefix>_top1``, ``<prefix>_mean_class_acc`` and ``<prefix>_loss``.
 
     Under torch.distributed each process evaluates every N-th sample and the counts are summed. Images that fail
     to load are left out and counted (``<prefix>_skipped_images``); more than :data:`MAX_UNREADABLE` of them, or a
-    class left without images, raises :class:`FineregError`.
+    class left without images, raises :class:`FineregError`. With ``retention`` (:mod:`finereg.train.retention`)
+    also ``<prefix>_retention``: the agreement (%) of the original classifier on the network's features with the
+    pretrained model's predictions, from the same forward of the backbone.
     """
     was = net.training
     net.eval()
     r, w = fdist.rank(), fdist.world_size()
     idx = torch.arange(len(data))[r::w]
     stats = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, total per class
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, unreadable images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, unreadable images, source agreement
     for b in data.eval_batches(batch_size, device, idx):
         sums[1] += b.skipped
         if b.x.numel() == 0:
             continue
         with autocast():
-            logits = net(b.x)
+            if retention is None:
+                logits = net(b.x)
+            else:  # one forward of the backbone for both heads
+                feats = net.backbone(b.x)
+                logits = net.head(feats)
+                agree = retention.head(feats).argmax(1) == retention.reference[b.index.to(device)]
+                sums[2] += agree.sum().double()
         logits = logits.float()
         sums[0] += F.cross_entropy(logits, b.y, reduction="sum").double()
         hit = (logits.argmax(1) == b.y).double()
@@ -378,6 +402,8 @@ def evaluate(
     top1, mean_class = accuracy_from_counts(stats[0].cpu(), stats[1].cpu())
     row = {f"{prefix}_top1": top1, f"{prefix}_mean_class_acc": mean_class}
     row[f"{prefix}_loss"] = float(sums[0] / stats[1].sum().clamp(1))
+    if retention is not None:
+        row[f"{prefix}_retention"] = 100.0 * float(sums[2] / stats[1].sum().clamp(1))
     if skipped:
         row[f"{prefix}_skipped_images"] = skipped
     return row
@@ -416,7 +442,7 @@ def load_trained(path: str | os.PathLike) -> TransferNet:
 
 
 def _in_channels(data: str, state: dict) -> int:
-    if data in BUILTIN_DATASETS:
+    if builtin_name(data) in ("digits", "mnist5k"):
         return 1
     first = next((v for k, v in state.items() if v.ndim == 4), None)
     return int(first.shape[1]) if first is not None else 3

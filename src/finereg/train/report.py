@@ -3,8 +3,9 @@ difference to ERM with its 95 % confidence interval (:func:`finereg.train.stats.
 tables, a CSV and a plot.
 
 Metrics (a run's final row): ``top1`` (the test split), ``shift_top1`` (the shifted test set, where the data has
-one), ``valid_top1`` (the validation split: in ``summary.csv`` only, for choosing settings) and
-``mean_class_acc``. A difference whose interval excludes 0 is marked (a difference at the 5 % level);
+one), ``retention`` (forgetting, :mod:`finereg.train.retention`, where the network has a pretrained classifier),
+``valid_top1`` (the validation split: in ``summary.csv`` only, for choosing settings) and ``mean_class_acc``.
+A difference whose interval excludes 0 is marked (a difference at the 5 % level);
 with fewer than two seeds there is no interval.
 """
 
@@ -20,7 +21,11 @@ from .stats import SummaryRow, paired_summary
 __all__ = ["METRICS", "summarize", "accuracy_table", "difference_table", "report_markdown", "plot"]
 
 # metric key of a result row -> its title in the report
-METRICS = {"top1": "top-1 accuracy (%) on the test split", "shift_top1": "top-1 accuracy (%) on the shifted test set"}
+METRICS = {
+    "top1": "top-1 accuracy (%) on the test split",
+    "shift_top1": "top-1 accuracy (%) on the shifted test set",
+    "retention": "retention (%) of the pretrained model's predictions on the test split",
+}
 
 
 def summarize(rows: list[dict], baseline: str = "erm") -> list[dict]:
@@ -29,7 +34,7 @@ def summarize(rows: list[dict], baseline: str = "erm") -> list[dict]:
     left out."""
     done = [r for r in rows if not r.get("interrupted")]
     out = []
-    for metric in ("top1", "shift_top1", "valid_top1", "mean_class_acc"):
+    for metric in ("top1", "shift_top1", "retention", "valid_top1", "mean_class_acc"):
         have = [
             {"method": r["method"], "rate": float(r["sample_rate"]), "seed": int(r["seed"]), metric: float(r[metric])}
             for r in done

@@ -38,7 +38,8 @@ from .._checks import FineregError, check_number
 from ..merge import DEFAULT_ALPHAS, wise_ft
 from ..merge._state import has_batchnorm, load_merged
 from .build import build_task
-from .checkpoint import find_checkpoint, load_checkpoint
+from .checkpoint import LAST, PREV, CheckpointError, load_checkpoint
+from .config import PATH_FIELDS
 from .data import derive_seed
 from .dist import _pick_device
 from .loop import FitConfig, _torch_state, evaluate
@@ -90,21 +91,29 @@ def wise_ft_run(
     *,
     device: str = "auto",
     batch_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> WiseFTResult:
-    """The WiSE-FT sweep of the finished run in ``run`` (a run directory or a checkpoint in one), written to
-    ``wise_ft.csv`` / ``wise_ft.json`` there (see the module docstring)."""
+    """The WiSE-FT sweep of the finished run in ``run`` (a run directory, whose ``last.pt`` is swept, or a
+    checkpoint in one, swept itself), written to ``wise_ft.csv`` / ``wise_ft.json`` there (see the module
+    docstring). ``cache_dir``: finereg's cache, as ``fit``'s (default ``$FINEREG_CACHE`` or ``~/.cache/finereg``;
+    never the one stored in the run's config)."""
     alphas = _check_alphas(alphas)
     run_dir = RunDir.folder_of(run)
-    find_checkpoint(run_dir)  # the clear error for a directory without a run, before the lock file is made
+    named = _checkpoint_of(run)  # the clear error for a path without a run, before the lock file is made
     with DirLock(run_dir):
-        ckpt = load_checkpoint(run_dir)
+        ckpt = load_checkpoint(named, command="wise-ft")
+        if named.name != LAST:
+            log(f"wise-ft: sweeping {named} (epoch {ckpt['epoch']})")
         cfg = ckpt["config"]
         if ckpt["epoch"] < cfg["epochs"] or ckpt["step"]:
+            advice = f"finish it with finereg fit --resume {run_dir}, then run wise-ft"
+            if named.name != LAST and (run_dir / LAST).is_file():
+                advice = f"sweep the run's last checkpoint: finereg wise-ft {run_dir}"
             raise FineregError(
-                f"the run in {str(run_dir)!r} is not finished (epoch {ckpt['epoch']} of {cfg['epochs']}"
-                f"{', step ' + str(ckpt['step']) if ckpt['step'] else ''}): finish it with finereg fit --resume "
-                f"{run_dir}, then run wise-ft"
+                f"the {'run in ' + repr(str(run_dir)) if named.name == LAST else 'checkpoint ' + repr(str(named))} "
+                f"is not finished (epoch {ckpt['epoch']} of {cfg['epochs']}"
+                f"{', step ' + str(ckpt['step']) if ckpt['step'] else ''}): {advice}"
             )
         if cfg["weights"] in ("none", "scratch"):
             raise FineregError(
@@ -113,12 +122,31 @@ def wise_ft_run(
             )
         dev = _pick_device(device, 0)
         known = {f.name for f in fields(FitConfig)}
-        run_cfg = FitConfig(**{k: v for k, v in cfg.items() if k in known})
+        run_cfg = FitConfig(**{k: v for k, v in cfg.items() if k in known and k not in PATH_FIELDS})
+        run_cfg.cache_dir = None if cache_dir is None else str(cache_dir)  # paths: this command's, not the run's
         batch = batch_size or max(run_cfg.batch_size, 256)  # the epochs' evaluation batch (loop._train)
         with _torch_state(run_cfg, dev):  # the run's thread count and deterministic algorithms
             result = _sweep(run_dir, run_cfg, ckpt, alphas, dev, batch, log)
         _write(result, ckpt)
     return result
+
+
+def _checkpoint_of(run: str | os.PathLike) -> Path:
+    """The checkpoint ``run`` names: the file itself, or a run directory's ``last.pt`` (else ``prev.pt``)."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        for name in (LAST, PREV):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"{str(path)!r} holds no run (no {LAST} or {PREV}): wise-ft sweeps a run that finereg fit finished; give "
+            f"its run directory (or a checkpoint in it), or train one first with finereg fit --out {path}"
+        )
+    if path.is_file():
+        return path
+    raise CheckpointError(
+        f"{str(path)!r} does not exist: give the directory of a run that finereg fit finished (or a checkpoint in it)"
+    )
 
 
 def _sweep(
