@@ -159,6 +159,16 @@ def plot(summary: list[dict], methods: Sequence[str], path: str | os.PathLike, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = _figure(summary, methods, title, plt)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _figure(summary: list[dict], methods: Sequence[str], title: str, plt):
+    """The figure of :func:`plot`; a method has one colour in every panel, the one of its legend entry."""
+    colour = {m: f"C{k % 10}" for k, m in enumerate(methods)}  # the same line in the upper and the lower panels
     metrics = [m for m in METRICS if any(s["metric"] == m for s in summary)]
     fig, axes = plt.subplots(2, len(metrics), figsize=(6.5 * len(metrics), 8), dpi=110, squeeze=False)
     for col, metric in enumerate(metrics):
@@ -171,13 +181,15 @@ def plot(summary: list[dict], methods: Sequence[str], path: str | os.PathLike, t
                 continue
             x = [r for r, _ in pts]
             std = [0.0 if math.isnan(s["std"]) else s["std"] for _, s in pts]
-            top.errorbar(x, [s["mean"] for _, s in pts], yerr=std, marker="o", capsize=3, label=m)
+            top.errorbar(x, [s["mean"] for _, s in pts], yerr=std, marker="o", capsize=3, label=m, color=colour[m])
             if m != pts[0][1]["baseline"]:
                 shift = (k - len(methods) / 2) * 0.6  # spread the intervals of one rate apart
                 d = [s["diff"] for _, s in pts]
                 lo = [0.0 if math.isnan(s["low"]) else s["diff"] - s["low"] for _, s in pts]
                 hi = [0.0 if math.isnan(s["high"]) else s["high"] - s["diff"] for _, s in pts]
-                bottom.errorbar([v + shift for v in x], d, yerr=[lo, hi], marker="o", capsize=3, label=m)
+                bottom.errorbar(
+                    [v + shift for v in x], d, yerr=[lo, hi], marker="o", capsize=3, label=m, color=colour[m]
+                )
         base = next(iter(cell.values()))["baseline"]
         for ax in (top, bottom):
             ax.set_xticks(rates, [f"{r:g}%" for r in rates])
@@ -189,7 +201,4 @@ def plot(summary: list[dict], methods: Sequence[str], path: str | os.PathLike, t
         bottom.set_ylabel(f"difference to {base} (points, 95 % CI)")
         top.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
