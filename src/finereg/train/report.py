@@ -6,7 +6,9 @@ Metrics (a run's final row): ``top1`` (the test split), ``shift_top1`` (the shif
 one), ``retention`` (forgetting, :mod:`finereg.train.retention`, where the network has a pretrained classifier),
 ``valid_top1`` (the validation split: in ``summary.csv`` only, for choosing settings) and ``mean_class_acc``.
 A difference whose interval excludes 0 is marked (a difference at the 5 % level);
-with fewer than two seeds there is no interval.
+with fewer than two seeds there is no interval. Each value prints with the decimals its spread needs (a std of 0.05
+as ``85.70 ± 0.05``, never ``85.7 ± 0.0``), and ``summary.md`` ends with a sentence per rate naming the methods
+that beat the baseline with certainty on each metric (:func:`verdict`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from .stats import SummaryRow, paired_summary
 
-__all__ = ["METRICS", "summarize", "accuracy_table", "difference_table", "report_markdown", "plot"]
+__all__ = ["METRICS", "summarize", "accuracy_table", "difference_table", "report_markdown", "verdict", "plot"]
 
 # metric key of a result row -> its title in the report
 METRICS = {
@@ -57,8 +59,29 @@ def _cells(summary: list[dict], metric: str) -> dict[tuple[str, float], dict]:
     return {(s["method"], float(s["sample_rate"])): s for s in summary if s["metric"] == metric}
 
 
-def _fmt(v: float, sign: bool = False) -> str:
-    return "–" if v is None or math.isnan(v) else (f"{v:+.1f}" if sign else f"{v:.1f}")
+def _fmt(v: float, sign: bool = False, digits: int = 1) -> str:
+    return "–" if v is None or math.isnan(v) else (f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}")
+
+
+def _digits(spread: float) -> int:
+    """Decimals that show the first significant digit of ``spread`` (a std, an interval's half-width), at least
+    1 and at most 6: a std of 0.05 prints as 0.05, never as 0.0; 0 or NaN prints with 1."""
+    if spread is None or not math.isfinite(spread) or spread <= 0:
+        return 1
+    return min(6, max(1, -math.floor(math.log10(spread))))
+
+
+def _interval(s: dict) -> str:
+    """``+1.2 [+0.4, +1.9]``: the mean paired difference and its interval, with the decimals its half-width
+    needs (and, where it excludes 0, those that keep the bound nearest 0 from printing as 0)."""
+    d = _digits((s["high"] - s["low"]) / 2)
+    if _certain(s):
+        d = max(d, _digits(min(abs(s["low"]), abs(s["high"]))))
+    return f"{_fmt(s['diff'], True, d)} [{_fmt(s['low'], True, d)}, {_fmt(s['high'], True, d)}]"
+
+
+def _certain(s: dict) -> bool:
+    return not math.isnan(s["low"]) and (s["low"] > 0 or s["high"] < 0)
 
 
 def accuracy_table(
@@ -83,7 +106,8 @@ def accuracy_table(
                 texts.append(note or "–")
                 continue
             means.append(s["mean"])
-            text = f"{_fmt(s['mean'])} ± {_fmt(s['std'])}"
+            d = _digits(s["std"])
+            text = f"{_fmt(s['mean'], digits=d)} ± {_fmt(s['std'], digits=d)}"
             text = f"**{text}**" if best[r] is not None and s["mean"] == best[r] else text
             texts.append(f"{text} ({note})" if note else text)
         avg = _fmt(sum(means) / len(means)) if len(means) == len(rates) else "–"
@@ -106,9 +130,8 @@ def difference_table(summary: list[dict], methods: Sequence[str], rates: Sequenc
             if s is None or math.isnan(s["diff"]):
                 texts.append("–")
                 continue
-            text = f"{_fmt(s['diff'], True)} [{_fmt(s['low'], True)}, {_fmt(s['high'], True)}]"
-            certain = not math.isnan(s["low"]) and (s["low"] > 0 or s["high"] < 0)
-            texts.append(f"**{text}**" if certain else text)
+            text = _interval(s)
+            texts.append(f"**{text}**" if _certain(s) else text)
         lines.append(f"| {m} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
@@ -148,7 +171,37 @@ def report_markdown(
                 "confidence interval (Student t); **bold**: the interval excludes 0.",
                 difference_table(summary, methods, rates, metric),
             ]
+    parts += verdict(summary, methods, rates)
     return "\n\n".join(parts) + "\n"
+
+
+def verdict(summary: list[dict], methods: Sequence[str], rates: Sequence[float]) -> list[str]:
+    """The end of ``summary.md``: per rate, a sentence saying on each metric of the report which methods beat the
+    baseline with certainty (the 95 % interval of the paired difference lies above 0), or that none does."""
+    present = [m for m in METRICS if any(s["metric"] == m for s in summary)]
+    if not present:
+        return []
+    base = {m: next(s["baseline"] for s in summary if s["metric"] == m) for m in present}
+    if not any(m != base[present[0]] for m in methods):
+        return []
+    out = [f"### Which methods beat {base[present[0]]}"]
+    for r in rates:
+        clauses = []
+        for metric in present:
+            cell, where = _cells(summary, metric), METRICS[metric].replace(" (%)", "")
+            have = [cell[m, float(r)] for m in methods if m != base[metric] and (m, float(r)) in cell]
+            wins = [s for s in have if _certain(s) and s["low"] > 0]
+            if not any(not math.isnan(s["low"]) for s in have):
+                clauses.append(f"in {where}, there is no interval (fewer than two seeds paired with {base[metric]})")
+            elif wins:
+                names = ", ".join(f"{s['method']} ({_interval(s)})" for s in wins)
+                verb = "beats" if len(wins) == 1 else "beat"
+                clauses.append(f"in {where}, {names} {verb} {base[metric]} with certainty")
+            else:
+                clauses.append(f"in {where}, no method beats {base[metric]} with certainty")
+        out.append(f"At {r:g} %, {'; '.join(clauses)}.")
+    out.append("With certainty: the 95 % interval of the paired difference lies above 0 (the bold cells above).")
+    return out
 
 
 def plot(summary: list[dict], methods: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
