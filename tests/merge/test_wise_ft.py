@@ -143,6 +143,20 @@ def test_sweep_picks_the_best_alpha_on_the_callback_and_keeps_its_weights():
     assert torch.equal(seen[0], m0[3].weight) and torch.equal(seen[-1], m1[3].weight)
 
 
+def test_sweep_prefers_the_larger_alpha_on_a_tie():
+    """Equal scores: the α nearer the fine-tuned end wins (it picked α = 0 on a flat metric), in any order."""
+    m0, m1 = net(0), net(1)
+    model = net(2)
+    assert wise_ft_sweep(model, m0, m1, lambda m: 0.5, alphas=[0.0, 0.5, 1.0]).best_alpha == 1.0
+    want = wise_ft(m0, m1, 1.0)
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    scores = iter([0.9, 0.2, 0.9, 0.9])  # the best score at α = 0.1, 0.4 and 0.3: 0.4 wins, not the first seen
+    assert wise_ft_sweep(model, m0, m1, lambda m: next(scores), alphas=[0.1, 0.0, 0.4, 0.3]).best_alpha == 0.4
+    losses = iter([1.0, 1.0, 2.0])  # maximize=False: the same rule for a loss
+    res = wise_ft_sweep(model, m0, m1, lambda m: next(losses), alphas=[0.2, 0.6, 1.0], maximize=False)
+    assert res.best_alpha == 0.6
+
+
 def test_sweep_recomputes_batchnorm_statistics():
     m0, m1 = net(0), net(1)
     data = batches()

@@ -155,8 +155,8 @@ def wise_ft_sweep(
 
     For each α: ``model`` gets θ(α) (BatchNorm statistics recomputed on ``bn_batches`` if given), then
     ``evaluate(model)`` returns a number (the validation metric) or a mapping of metrics (``select`` names the
-    validation one; others, e.g. a shifted test set's accuracy, are only reported). The best α (first one on
-    ties) wins; its weights stay in ``model``.
+    validation one; others, e.g. a shifted test set's accuracy, are only reported). The best α wins, on ties the
+    larger α (nearer the fine-tuned end θ1); its weights stay in ``model``.
 
     Args:
         model: the module the weights load into (θ1's architecture).
@@ -190,7 +190,7 @@ def wise_ft_sweep(
             with torch.no_grad():
                 row = {"alpha": a, **_metrics(evaluate(model), select)}
             results.append(row)
-            if best is None or sign * row["score"] > sign * best["score"]:  # the first α wins ties
+            if best is None or (sign * row["score"], a) > (sign * best["score"], best["alpha"]):  # ties: larger α
                 best = row
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.load_state_dict(best_state)

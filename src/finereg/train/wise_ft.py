@@ -14,11 +14,13 @@ For each α of the sweep (default 0, 0.1, ..., 1)::
   ``torch.optim.swa_utils.update_bn``) where the network has BatchNorm; the end points keep their own, so α = 0
   is θ0 and α = 1 is θ1 exactly.
 * Each θ(α) is evaluated on the run's ``valid``, ``test`` and ``shift`` splits (those the data has). α is chosen
-  by validation top-1 (ties: the smaller α), never on the test split; a run without a validation split gets
-  every α reported and none chosen.
+  by validation top-1 (ties: the larger α, nearer the fine-tuned network), never on the test split; a run without
+  a validation split gets every α reported and none chosen.
 
-Written to ``RUN/wise_ft.csv`` (one row per α) and ``RUN/wise_ft.json`` (rows, choice, reason, θ0's probe),
-atomically, while the run directory's lock is held (a run being trained is refused).
+Written to ``RUN/wise_ft.csv`` (one row per α), ``RUN/wise_ft.json`` (rows, choice, reason, θ0's probe) and, where
+an α is chosen, ``RUN/wise_ft.pt``: the chosen merged network as a finereg checkpoint (the run's config and
+classes, ``net`` = θ(α), ``wise_ft`` = the choice), which ``finereg.train.load_trained`` loads; atomically, while
+the run directory's lock is held (a run being trained is refused). ``fit --overwrite`` removes all three.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .._checks import FineregError, check_number
 from ..merge import DEFAULT_ALPHAS, wise_ft
 from ..merge._state import has_batchnorm, load_merged
 from .build import build_task
-from .checkpoint import LAST, PREV, CheckpointError, load_checkpoint
+from .checkpoint import FORMAT, LAST, PREV, CheckpointError, atomic_save, load_checkpoint
 from .config import PATH_FIELDS
 from .data import derive_seed
 from .dist import _pick_device
@@ -47,9 +49,9 @@ from .metrics import write_text_atomic
 from .probe import probe_head
 from .run_dir import WISE_FT_FILES, DirLock, RunDir
 
-__all__ = ["WiseFTResult", "wise_ft_run", "CSV_NAME", "JSON_NAME"]
+__all__ = ["WiseFTResult", "wise_ft_run", "CSV_NAME", "JSON_NAME", "MODEL_NAME"]
 
-CSV_NAME, JSON_NAME = WISE_FT_FILES
+CSV_NAME, JSON_NAME, MODEL_NAME = WISE_FT_FILES
 SELECT = "valid_top1"
 
 
@@ -62,6 +64,7 @@ class WiseFTResult:
     chosen_alpha: float | None
     reason: str
     theta0: dict = field(default_factory=dict)  # how θ0's head was made (the probe's λ and held-out accuracy)
+    state: dict | None = field(default=None, repr=False)  # the chosen θ(α) (BatchNorm statistics as evaluated)
 
     @property
     def chosen(self) -> dict | None:
@@ -128,6 +131,8 @@ def wise_ft_run(
         with _torch_state(run_cfg, dev):  # the run's thread count and deterministic algorithms
             result = _sweep(run_dir, run_cfg, ckpt, alphas, dev, batch, log)
         _write(result, ckpt)
+    if result.state is not None:
+        log(f"wise-ft: the network of alpha {result.chosen_alpha:g} in {run_dir / MODEL_NAME} (load_trained loads it)")
     return result
 
 
@@ -169,29 +174,30 @@ def _sweep(
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     theta1 = {k: v.to(device) for k, v in ckpt["net"].items()}
     bn = _TrainImages(data.train, batch_size, device) if has_batchnorm(model) else None
-    rows = []
+    rows, best, state = [], None, None
     for a in alphas:
         load_merged(model, wise_ft(theta0, theta1, a), bn if 0 < a < 1 else None)
         row: dict = {"alpha": a}
         for prefix, images in data.evaluation_sets().items():
             row.update(evaluate(model, images, batch_size, device, n, prefix=prefix))
         rows.append(row)
+        if data.valid is not None and (best is None or (row[SELECT], a) > (best[SELECT], best["alpha"])):
+            best, state = row, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log(f"wise-ft: alpha {a:g}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k.endswith("top1")))
     chosen = None
     reason = (
         f"{cfg.data!r} has no validation split, and α is never chosen on the test split: every α is reported, none "
         "chosen (add ROOT/valid/<class>/<image> to choose one)"
     )
-    if data.valid is not None:
-        best = max(rows, key=lambda r: r[SELECT])  # the first (smallest α) of equal scores
-        chosen, reason = best["alpha"], f"chosen on the validation split (the largest {SELECT}; ties: the smaller α)"
+    if best is not None:  # the largest validation top-1; of equal ones the largest α (nearer the fine-tuned end)
+        chosen, reason = best["alpha"], f"chosen on the validation split (the largest {SELECT}; ties: the larger α)"
     made = {
         "head": "linear probe of the pretrained features",
         "l2": probe.l2,
         "heldout_accuracy": probe.val_accuracy,
         "batchnorm_recomputed": bn is not None,
     }
-    return WiseFTResult(run_dir, rows, chosen, reason, made)
+    return WiseFTResult(run_dir, rows, chosen, reason, made, state)
 
 
 def _write(result: WiseFTResult, ckpt: dict) -> None:
@@ -212,3 +218,10 @@ def _write(result: WiseFTResult, ckpt: dict) -> None:
         "theta1": {"epochs": ckpt["epoch"], "method": ckpt["config"]["method"]},
     }
     write_text_atomic(result.run_dir / JSON_NAME, json.dumps(doc, indent=2) + "\n")
+    model = result.run_dir / MODEL_NAME
+    if result.state is None:  # no α chosen: no merged model (and none of an earlier sweep left behind)
+        model.unlink(missing_ok=True)
+        return
+    choice = {"alpha": result.chosen_alpha, "selected_on": SELECT, "row": result.chosen, "theta0": result.theta0}
+    kept = {k: ckpt[k] for k in ("config", "classes", "epoch", "step")}
+    atomic_save({"format": FORMAT, **kept, "net": result.state, "wise_ft": choice}, model)
