@@ -30,7 +30,7 @@ from . import dist as fdist
 from .builtin import cache_dir as default_cache_dir
 from .checkpoint import save_checkpoint
 from .config import FitConfig, resolve
-from .data import Batch, TensorImages, TrainData, check_batch_size, derive_seed
+from .data import Batch, TensorImages, TrainData, check_batch_size, derive_seed, dropped_note
 from .datasets import builtin_name, load_data
 from .methods import build_recipes, default_weight_decay, parse_overrides
 from .metrics import MetricsLogger, write_text_atomic
@@ -163,7 +163,7 @@ def build(cfg: FitConfig, rd: RunDir, info: fdist.DistInfo, log: Callable[[str],
 def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
     recipes = build_recipes(cfg.method, parse_overrides(cfg.set), data=builtin_name(cfg.data) or cfg.data)
     closers.extend(r.close for r in recipes)
-    cfg = resolve(cfg, default_weight_decay(recipes))
+    cfg = resolve(cfg, default_weight_decay(recipes), cpu=info.device.type == "cpu")
     if ckpt is not None and ckpt["epoch"] > cfg.epochs:
         raise FineregError(
             f"{str(rd.path)!r} already holds {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; resume with "
@@ -172,6 +172,8 @@ def _build(cfg, rd: RunDir, ckpt, info, log, closers) -> Run:
     torch.manual_seed(derive_seed(cfg.seed, 0xC0FFEE))  # new head init
     data, bundle = build_task(cfg, log)
     check_batch_size(len(data.train), cfg.batch_size)
+    if note := dropped_note(len(data.train), cfg.batch_size):
+        log(note)
     net = bundle.net.to(info.device)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)

@@ -5,7 +5,8 @@ data's protocol (:data:`PRESETS`): the quick smoke task (``digits``: the built-i
 batch 32, lr 0.05), the real-backbone protocol (``mnist5k``: ImageNet-pretrained EfficientNet-Lite0 at 32 px,
 its stem and first three blocks frozen and cached, settings chosen on the validation split, see
 ``docs/protocol.md``), or a user's ImageFolder (tllib's script settings: 20 epochs of one pass, batch 48,
-lr 0.01). The learning rate drops by ``lr_gamma`` at 60 % of the epochs; the weight decay is tllib's for the
+lr 0.01; on CPU no loader processes and the channels-last format, 2.2x faster per epoch on 2 cores). The
+learning rate drops by ``lr_gamma`` at 60 % of the epochs; the weight decay is tllib's for the
 method (0 for L2-SP / DELTA, whose penalties replace it; 5e-4 otherwise).
 """
 
@@ -67,6 +68,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "iters_per_epoch": None,
         "batch_size": 48,
         "lr": 0.01,
+        # on CPU (measured on 2 cores, efficientnet_lite0 at 224 px): decoding in the training process and the
+        # channels-last format made an epoch 2.2x faster than 2 loader processes and the default format
+        "on_cpu": {"workers": 0, "channels_last": True},
     },  # fmt: skip
 }
 # --protocol NAME: the data each protocol trains on (a user's ImageFolder: --data PATH)
@@ -98,7 +102,7 @@ class FitConfig:
     frozen_prefix: str | None = None  # "blocks.K": freeze and cache the stem and blocks 0..K ("none": train all)
     channels_last: bool | None = None
     eval_every: int | None = None  # evaluate every N epochs and after the last (0: after the last only)
-    workers: int = 2
+    workers: int | None = None  # data loading processes; None: the preset's (0 for an ImageFolder on CPU, else 2)
     threads: int | None = None  # CPU threads; default 1 on the built-in task (its tiny model runs fastest so)
     device: str = "auto"
     bf16: bool = False
@@ -173,15 +177,19 @@ def preset_of(data: str) -> dict[str, Any]:
     return PRESETS[builtin_name(data) or "folder"]
 
 
-def resolve(cfg: FitConfig, default_weight_decay: float) -> FitConfig:
-    """``cfg`` with its ``None`` fields set: the data's preset, the schedule at 60 % and the method's weight decay."""
+def resolve(cfg: FitConfig, default_weight_decay: float, *, cpu: bool = True) -> FitConfig:
+    """``cfg`` with its ``None`` fields set: the data's preset (with its ``on_cpu`` settings where ``cpu``, the
+    run's device being a CPU), the schedule at 60 % and the method's weight decay."""
     preset = {
         "image_size": 224,
         "frozen_prefix": "none",
         "channels_last": False,
         "eval_every": 1,
+        "workers": 2,
         **preset_of(cfg.data),
     }
+    on_cpu = preset.pop("on_cpu", {})
+    preset.update(on_cpu if cpu else {})
     filled = {k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in preset.items()}
     steps = cfg.lr_steps if cfg.lr_steps is not None else [max(1, round(0.6 * filled["epochs"]))]
     wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay

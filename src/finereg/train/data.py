@@ -26,6 +26,7 @@ __all__ = [
     "class_ranks",
     "stratified_subset",
     "check_batch_size",
+    "dropped_note",
     "epoch_plan",
     "derive_seed",
     "SAMPLE_RATES",
@@ -77,6 +78,18 @@ def stratified_subset(labels: Tensor, rate: float, seed: int) -> Tensor:
     counts = torch.bincount(labels)
     keep = torch.clamp(torch.floor(counts.double() * rate / 100 + 0.5).long(), min=1)
     return torch.nonzero(class_ranks(labels, seed) < keep[labels]).flatten()
+
+
+def dropped_note(n: int, batch_size: int) -> str | None:
+    """What a log says where ``batch_size`` does not divide the ``n`` training images: each shuffled pass leaves
+    ``n % batch_size`` of them out (a different few each pass; see :func:`epoch_plan`)."""
+    left = n % batch_size
+    if not left or n >= 10 * batch_size:  # on a large set a partial batch is noise
+        return None
+    return (
+        f"note: batch {batch_size} does not divide the {n} training images: each pass over them leaves {left} out "
+        f"(a different {left} each time, in the shuffled order); a batch size dividing {n} uses them all"
+    )
 
 
 def check_batch_size(n: int, batch_size: int) -> None:
