@@ -8,6 +8,7 @@ same, so the deterministic corruptions give the stored bytes exactly.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -49,46 +50,36 @@ def to_unit(image: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     return np.asarray(image) / 255.0
 
 
-def _missing(package: str, pip_name: str, what: str) -> MissingDependencyError:
-    return MissingDependencyError(f"the corruption {what!r} needs {package}: {_PIP} (or pip install {pip_name})")
+def _optional(modules: tuple[str, ...], package: str, pip_name: str, what: str) -> Any:
+    """Import ``modules`` (an optional library and the submodules used) and return the first, or raise a
+    :class:`MissingDependencyError` naming the wheel to install for the corruption ``what``."""
+    try:
+        loaded = [importlib.import_module(m) for m in modules]
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"the corruption {what!r} needs {package}: {_PIP} (or pip install {pip_name})"
+        ) from e
+    return loaded[0]
 
 
 def import_cv2(what: str) -> Any:
     """OpenCV (``cv2``), or a :class:`MissingDependencyError` naming the wheel to install."""
-    try:
-        import cv2
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise _missing("OpenCV", "opencv-python-headless", what) from e
-    return cv2
+    return _optional(("cv2",), "OpenCV", "opencv-python-headless", what)
 
 
 def import_skimage(what: str) -> Any:
     """scikit-image's ``skimage`` with its ``filters`` and ``color`` modules loaded."""
-    try:
-        import skimage
-        import skimage.color
-        import skimage.filters
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise _missing("scikit-image", "scikit-image", what) from e
-    return skimage
+    return _optional(("skimage", "skimage.color", "skimage.filters"), "scikit-image", "scikit-image", what)
 
 
 def import_ndimage(what: str) -> Any:
     """``scipy.ndimage``."""
-    try:
-        from scipy import ndimage
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise _missing("SciPy", "scipy", what) from e
-    return ndimage
+    return _optional(("scipy.ndimage",), "SciPy", "scipy", what)
 
 
 def import_pil(what: str) -> Any:
     """Pillow's ``PIL.Image``."""
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise _missing("Pillow", "pillow", what) from e
-    return Image
+    return _optional(("PIL.Image",), "Pillow", "pillow", what)
 
 
 def gaussian(x: np.ndarray, sigma: float, what: str, **kw: Any) -> np.ndarray:

@@ -9,7 +9,7 @@ image i's own seeded generator; then it is resized like the clean image. So ever
 the same corrupted images, and one corrupted image per test image keeps the cost at one more evaluation pass. The
 draw covers the 15 benchmark corruptions but frost, whose official photographs finereg does not ship
 (:mod:`finereg.corruptions`): 14 corruptions × 5 severities. The corrupted images are made once and cached on disk
-(``<cache>/cifar10c/<hash>.npy``); the full 15 × 5 table of a trained model is :mod:`finereg.train.cifar10_c_table`'s.
+(``<cache>/cifar10c/<hash>.npy``).
 """
 
 from __future__ import annotations
