@@ -103,19 +103,30 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its record {bad!r} fails its checksum.")
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file for ``path``: the file itself, or ``last.pt`` (else ``prev.pt``) of a run directory."""
+def find_checkpoint(path: str | os.PathLike, command: str = "fit") -> Path:
+    """The checkpoint file for ``path``: the file itself, or ``last.pt`` (else ``prev.pt``) of a run directory; the
+    error's advice is for ``command`` (``"fit"``: resume, ``"wise-ft"``: sweep a finished run)."""
     path = Path(path)
     if path.is_dir():
         for name in (LAST, PREV):
             if (path / name).is_file():
                 return path / name
+        if command == "wise-ft":
+            raise CheckpointError(
+                f"{str(path)!r} holds no run (no {LAST} or {PREV}): wise-ft sweeps a run that finereg fit finished; "
+                f"give its run directory (or a checkpoint in it), or train one first with finereg fit --out {path}"
+            )
         raise CheckpointError(
             f"no checkpoint to resume from in {str(path)!r} (looked for {LAST} and {PREV}); "
             "start a new run without --resume"
         )
     if path.is_file():
         return path
+    if command == "wise-ft":
+        raise CheckpointError(
+            f"{str(path)!r} does not exist: give the directory of a run that finereg fit finished (or a checkpoint "
+            "in it)"
+        )
     raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a run directory or a .pt file")
 
 

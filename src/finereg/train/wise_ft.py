@@ -40,7 +40,7 @@ from .._checks import FineregError, check_number
 from ..merge import DEFAULT_ALPHAS, wise_ft
 from ..merge._state import has_batchnorm, load_merged
 from .build import build_task
-from .checkpoint import FORMAT, LAST, PREV, CheckpointError, atomic_save, load_checkpoint
+from .checkpoint import FORMAT, LAST, atomic_save, find_checkpoint, load_checkpoint
 from .config import PATH_FIELDS
 from .data import derive_seed
 from .dist import _pick_device
@@ -138,20 +138,7 @@ def wise_ft_run(
 
 def _checkpoint_of(run: str | os.PathLike) -> Path:
     """The checkpoint ``run`` names: the file itself, or a run directory's ``last.pt`` (else ``prev.pt``)."""
-    path = Path(run).expanduser()
-    if path.is_dir():
-        for name in (LAST, PREV):
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(
-            f"{str(path)!r} holds no run (no {LAST} or {PREV}): wise-ft sweeps a run that finereg fit finished; give "
-            f"its run directory (or a checkpoint in it), or train one first with finereg fit --out {path}"
-        )
-    if path.is_file():
-        return path
-    raise CheckpointError(
-        f"{str(path)!r} does not exist: give the directory of a run that finereg fit finished (or a checkpoint in it)"
-    )
+    return find_checkpoint(Path(run).expanduser(), command="wise-ft")
 
 
 def _sweep(
